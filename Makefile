@@ -1,0 +1,39 @@
+# Courier: `make run` starts everything on this machine; `make test` proves it works.
+# Both set themselves up first (uv, the locked environment, RabbitMQ and Redis).
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+UV ?= uv
+PYTEST_ARGS ?=
+export PATH := $(HOME)/.local/bin:$(PATH)
+
+.PHONY: help setup run test test-fast lint fmt clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: ## Install uv if missing, sync the locked environment, start RabbitMQ and Redis
+	@bash scripts/bootstrap.sh
+
+run: setup ## Start every Courier service and the local sinks in the foreground (Ctrl-C stops all)
+	@$(UV) run --locked python scripts/devrun.py
+
+test: setup lint ## Lint, then run every test against the real RabbitMQ and Redis
+	@$(UV) run --locked pytest $(PYTEST_ARGS)
+
+test-fast: ## Tests without set-up or lint (services must already be up)
+	@$(UV) run --locked pytest -m "not fault" $(PYTEST_ARGS)
+
+lint: ## ruff (lint + format check) and mypy (strict for libs/common)
+	@$(UV) run --locked ruff check .
+	@$(UV) run --locked ruff format --check .
+	@$(UV) run --locked mypy libs/common/src
+	@$(UV) run --locked mypy tests libs/common/tests conftest.py scripts
+
+fmt: ## Format and auto-fix what ruff can
+	@$(UV) run --locked ruff check --fix .
+	@$(UV) run --locked ruff format .
+
+clean: ## Remove caches and local run state
+	rm -rf .pytest_cache .mypy_cache .ruff_cache var
