@@ -1,0 +1,1 @@
+"""Courier common library: the messaging spine shared by every service."""

@@ -1,0 +1,430 @@
+"""The one logging setup every Courier process uses.
+
+Every line a Courier process writes — from structlog loggers, from the standard library, and from
+third-party libraries such as uvicorn and aio-pika — leaves through a single handler on the root
+logger and a single structlog chain. That is what lets an operator grep one JSON shape, join log
+lines to traces by ``trace_id``, and trust that no email address or phone number reaches the log
+store in clear: there is exactly one place where that is enforced.
+
+Design choices worth knowing before changing anything here:
+
+* All the work (context merging, timestamps, trace ids, PII scrubbing, rendering) happens in the
+  handler's `structlog.stdlib.ProcessorFormatter`, not in structlog's own processor list. The
+  structlog side only filters by level and hands the event to the standard library. So foreign
+  records and structlog records take the *same* path, and calling `configure_logging` again
+  (tests, a service switching format) takes effect at once even for loggers created at import
+  time.
+* Output goes to stdout for both formats: containers are expected to write their log stream to
+  stdout, and a single stream keeps lines from interleaving out of order.
+* PII masking is regex based and deliberately errs towards masking: a stray long number in free
+  text may come out masked, an email or phone number must never come out in clear. Numbers that
+  are data (durations, counts, sizes) should be logged as ``int``/``float`` values, which the
+  scrubber never touches.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import enum
+import logging
+import re
+import sys
+import uuid
+from collections.abc import Mapping
+from typing import Final, Literal, TextIO
+
+import structlog
+from opentelemetry import trace
+from structlog.typing import EventDict, Processor, WrappedLogger
+
+__all__ = [
+    "add_trace_ids",
+    "configure_logging",
+    "current_trace_ids",
+    "get_logger",
+    "mask_email",
+    "mask_phone",
+    "scrub_pii",
+    "scrub_text",
+]
+
+LogFormat = Literal["json", "console"]
+
+# Third-party loggers and the minimum level they log at. These are floors: a stricter root level
+# (say WARNING) still wins. aio-pika and aiormq narrate every channel and frame at INFO, which
+# would drown the one-line-per-outcome logs the services write.
+_DEFAULT_LOGGER_FLOORS: Final[Mapping[str, int]] = {
+    "uvicorn.access": logging.INFO,
+    "aio_pika": logging.WARNING,
+    "aiormq": logging.WARNING,
+}
+
+# Loggers that libraries like to give their own handlers (uvicorn's default dictConfig does, with
+# propagate=False). We take those handlers away so their records reach the root handler instead of
+# being printed a second time in another format.
+_ROUTED_LOGGERS: Final[tuple[str, ...]] = (
+    "uvicorn",
+    "uvicorn.error",
+    "uvicorn.access",
+    "aio_pika",
+    "aiormq",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# PII masking
+# --------------------------------------------------------------------------------------------
+
+# An email address: the local part must start at a boundary so the mask keeps a real first
+# character; the domain needs a dot and an alphabetic TLD so "user@host" in an AMQP URL without
+# a TLD is left alone (it carries no address anyone could mail).
+_EMAIL_RE: Final = re.compile(
+    r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}(?![\w-])",
+)
+
+# A phone number candidate: an optional "+" or "(", then digits with the separators people write
+# phone numbers with. The look-arounds keep digit runs that are part of something bigger — a hex
+# trace id, a UUID segment, an IP address, a time, a decimal — from being taken for a phone. The
+# final say (digit count, dates, decimals, IPv4) is in `_mask_phone_match`.
+_PHONE_RE: Final = re.compile(
+    r"(?<![\w+\-@])(?<!\d[.:,])[+(]?\d[\d ().\-]{6,}\d(?![\w\-@])(?![.:,]\d)",
+)
+
+# E.164 allows at most 15 digits; fewer than 8 is a count or a code, not a phone number.
+_PHONE_MIN_DIGITS: Final = 8
+_PHONE_MAX_DIGITS: Final = 15
+_NON_DIGIT_RE: Final = re.compile(r"\D")
+# Shapes that have phone-like digit counts but are not phone numbers.
+_NOT_A_PHONE_RE: Final = re.compile(
+    r"\d{4}-\d{2}-\d{2}"  # ISO date: 2024-05-01
+    r"|\d+\.\d+"  # a decimal number: 0.12345678
+    r"|\d{1,3}(?:\.\d{1,3}){3}",  # an IPv4 address: 192.168.100.200
+)
+
+# The shortest string either pattern can match ("a@b.cc"); shorter strings skip both regexes.
+_MIN_PII_LENGTH: Final = 6
+# Containers nested deeper than this are rendered to text and scrubbed as text, which also keeps
+# a self-referencing structure from recursing forever.
+_MAX_DEPTH: Final = 8
+# Types whose rendered form cannot carry an email or phone number: skipped without rendering.
+_SAFE_TYPES: Final = (
+    int,
+    float,
+    type(None),
+    uuid.UUID,
+    _dt.date,
+    _dt.time,
+    _dt.timedelta,
+    decimal.Decimal,
+    enum.Enum,
+)
+
+
+def mask_email(value: str) -> str:
+    """Mask an email address while keeping it recognisable to whoever owns it.
+
+    Support staff need to tell "the gmail user starting with a" from "the corporate one" without
+    the log holding an address anyone could write to, so only the first character of the local
+    part and of the domain survive, plus the TLD: ``alice.smith@example.com`` → ``a***@e***.com``.
+    Anything without an ``@`` is masked completely rather than guessed at.
+    """
+    local, at, domain = value.strip().rpartition("@")
+    if not at or not local or not domain:
+        return "***"
+    host, dot, tld = domain.rpartition(".")
+    if not dot:
+        host, tld = domain, ""
+    masked_domain = f"{host[:1]}***" + (f".{tld}" if tld else "")
+    return f"{local[:1]}***@{masked_domain}"
+
+
+def mask_phone(value: str) -> str:
+    """Mask a phone number down to what helps a human match it, and no more.
+
+    The leading "+" and the first digit (never more than the country code) say which country, the
+    last three digits let support match it against what a user reads out, and one ``*`` per hidden
+    digit keeps the length visible: ``+14155552671`` → ``+1*******671``. Formatting is dropped,
+    so ``+1 (415) 555-2671`` masks the same way. Too short to mask partially → all stars.
+    """
+    international = value.lstrip().startswith("+")
+    digits = _NON_DIGIT_RE.sub("", value)
+    if len(digits) < _PHONE_MIN_DIGITS:
+        return ("+" if international else "") + "*" * len(digits)
+    head = digits[0] if international else ""
+    hidden = len(digits) - len(head) - 3
+    return ("+" if international else "") + head + "*" * hidden + digits[-3:]
+
+
+def _mask_email_match(match: re.Match[str]) -> str:
+    return mask_email(match.group())
+
+
+def _mask_phone_match(match: re.Match[str]) -> str:
+    candidate = match.group()
+    digit_count = len(_NON_DIGIT_RE.sub("", candidate))
+    if not _PHONE_MIN_DIGITS <= digit_count <= _PHONE_MAX_DIGITS:
+        return candidate
+    if _NOT_A_PHONE_RE.fullmatch(candidate):
+        return candidate
+    return mask_phone(candidate)
+
+
+def scrub_text(text: str) -> str:
+    """Mask every email address and phone number found in free text.
+
+    This is the one PII policy for anything that leaves the process as text: log lines, span
+    exception events, dead-letter diagnosis headers. Returns *text* itself (same object) when
+    nothing was found, so callers can detect "unchanged" with ``is`` for free.
+    """
+    if len(text) < _MIN_PII_LENGTH:
+        return text
+    scrubbed = _EMAIL_RE.sub(_mask_email_match, text) if "@" in text else text
+    scrubbed = _PHONE_RE.sub(_mask_phone_match, scrubbed)
+    # A candidate the callback declined (a date, say) still makes re.sub build a new string.
+    return text if scrubbed is text or scrubbed == text else scrubbed
+
+
+def _scrub_value(value: object, depth: int) -> object:
+    """Scrub one event-dict value, copying containers only when something inside changed.
+
+    Containers passed as log values belong to the caller (a payload, a headers dict), so they are
+    never modified in place; the common case — nothing to mask — allocates nothing.
+    """
+    if isinstance(value, str):
+        return scrub_text(value)
+    if isinstance(value, _SAFE_TYPES):
+        return value
+    if depth < _MAX_DEPTH:
+        if isinstance(value, dict):
+            scrubbed_items = {key: _scrub_value(item, depth + 1) for key, item in value.items()}
+            if any(scrubbed_items[key] is not item for key, item in value.items()):
+                return scrubbed_items
+            return value
+        if isinstance(value, list | tuple):
+            scrubbed_seq = [_scrub_value(item, depth + 1) for item in value]
+            if any(new is not old for new, old in zip(scrubbed_seq, value, strict=True)):
+                return scrubbed_seq if isinstance(value, list) else tuple(scrubbed_seq)
+            return value
+    # Anything else (exceptions, models, bytes, deep structures) ends up as repr() in the rendered
+    # line anyway; scrub that text, and keep the original object if there was nothing to mask so
+    # the renderer formats it as usual.
+    rendered = repr(value)
+    scrubbed = scrub_text(rendered)
+    return value if scrubbed is rendered else scrubbed
+
+
+def scrub_pii(_logger: WrappedLogger, _method_name: str, event_dict: EventDict) -> EventDict:
+    """Structlog processor: mask emails and phone numbers anywhere in the event.
+
+    It runs after exceptions are rendered to text, so the traceback (whose last line often quotes
+    the offending address) is scrubbed too, and right before the renderer so nothing added later
+    can slip past it. Keys are not scrubbed: they come from code, not from users.
+    """
+    for key, value in event_dict.items():
+        scrubbed = _scrub_value(value, 0)
+        if scrubbed is not value:
+            event_dict[key] = scrubbed
+    return event_dict
+
+
+# --------------------------------------------------------------------------------------------
+# Trace correlation
+# --------------------------------------------------------------------------------------------
+
+
+def current_trace_ids() -> tuple[str, str] | None:
+    """Return ``(trace_id, span_id)`` of the active span as lowercase hex, or None.
+
+    Ids are only returned for a span that is valid and either recording or sampled: pointing a log
+    line or a dead letter at a trace the backend never received sends an operator looking for
+    something that does not exist. `courier_common.tracing` re-exports this; it lives here
+    because the log chain calls it on every line and tracing already depends on this module.
+    """
+    span = trace.get_current_span()
+    context = span.get_span_context()
+    if not context.is_valid:
+        return None
+    if not (span.is_recording() or context.trace_flags.sampled):
+        return None
+    return trace.format_trace_id(context.trace_id), trace.format_span_id(context.span_id)
+
+
+def add_trace_ids(_logger: WrappedLogger, _method_name: str, event_dict: EventDict) -> EventDict:
+    """Structlog processor: stamp ``trace_id``/``span_id`` so a log line leads to its trace.
+
+    Explicitly bound ids win, so a consumer can log about a message's trace from outside it.
+    """
+    if "trace_id" not in event_dict:
+        ids = current_trace_ids()
+        if ids is not None:
+            event_dict["trace_id"], event_dict["span_id"] = ids
+    return event_dict
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+class _ServiceAdder:
+    """Adds ``service`` to every line, including third-party ones.
+
+    A processor rather than a contextvar binding because request middleware routinely calls
+    ``clear_contextvars()``, which would silently drop it.
+    """
+
+    def __init__(self, service: str) -> None:
+        self._service = service
+
+    def __call__(
+        self, _logger: WrappedLogger, _method_name: str, event_dict: EventDict
+    ) -> EventDict:
+        event_dict.setdefault("service", self._service)
+        return event_dict
+
+
+class _StdoutHandler(logging.StreamHandler[TextIO]):
+    """Root handler that writes to whatever ``sys.stdout`` is at emit time.
+
+    Binding the stream once would keep writing to a stream that test capture (or anything else
+    that swaps stdout) has since replaced. Its class also marks the handler as ours, which is how
+    `configure_logging` stays idempotent without touching handlers it did not install.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # handle() holds the handler lock around emit(), so swapping the stream here is safe.
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def _stdout_is_tty() -> bool:
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty is not None and isatty())
+
+
+def _parse_level(level: str) -> int:
+    levels = logging.getLevelNamesMapping()
+    try:
+        return levels[level.strip().upper()]
+    except KeyError:
+        known = ", ".join(sorted(name for name in levels if name != "NOTSET"))
+        msg = f"unknown log level {level!r}; expected one of {known}"
+        raise ValueError(msg) from None
+
+
+def _formatter_processors(fmt: LogFormat, service: str | None, colors: bool) -> list[Processor]:
+    processors: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        add_trace_ids,
+    ]
+    if service:
+        processors.append(_ServiceAdder(service))
+    processors += [
+        structlog.processors.StackInfoRenderer(),
+        # Exceptions become plain text in both formats so scrub_pii can see them. In JSON that
+        # is one "exception" string field (greppable, no locals that could hold PII); the
+        # console renderer prints that string under the line.
+        structlog.processors.format_exc_info,
+        structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+        scrub_pii,
+    ]
+    if fmt == "json":
+        processors.append(structlog.processors.JSONRenderer())
+    else:
+        processors.append(structlog.dev.ConsoleRenderer(colors=colors))
+    return processors
+
+
+def configure_logging(
+    *,
+    level: str = "INFO",
+    fmt: LogFormat | None = None,
+    service: str | None = None,
+    logger_levels: Mapping[str, str] | None = None,
+) -> None:
+    """Route every log record in the process through Courier's structlog chain to stdout.
+
+    Call it once at startup, before the app starts logging; calling it again replaces the
+    previous configuration (one handler, never two), which is what tests and a reloading dev
+    server need.
+
+    Args:
+        level: root level name (``COURIER_LOG_LEVEL``).
+        fmt: ``"json"`` or ``"console"``; None picks console when stdout — the stream we write
+            to — is a terminal and JSON otherwise (``COURIER_LOG_FORMAT``).
+        service: added to every line as ``service`` so lines from several services can share an
+            index.
+        logger_levels: exact levels for named loggers, overriding the built-in floors (for
+            example ``{"aio_pika": "DEBUG"}`` while chasing a connection problem).
+
+    uvicorn must be started with ``log_config=None``; otherwise it installs its own handlers
+    after this runs. If it already did, this call removes them.
+    """
+    root_level = _parse_level(level)
+    chosen: LogFormat = fmt if fmt is not None else ("console" if _stdout_is_tty() else "json")
+
+    # Why structlog.stdlib.BoundLogger and not make_filtering_bound_logger: every line has to go
+    # through the stdlib handler anyway (so third-party records share the format), the level
+    # then lives in one place — the stdlib logger tree, with per-logger levels — and
+    # filter_by_level reads it at call time, so a reconfiguration also reaches loggers created
+    # at import time. A filtering bound logger bakes one global level in at configure time.
+    # Loggers are not cached on first use for the same reason, and so that
+    # structlog.testing.capture_logs() works in every test; the cost is one cheap bind per call,
+    # small next to rendering a line.
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        context_class=dict,
+        cache_logger_on_first_use=False,
+    )
+
+    handler = _StdoutHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=_formatter_processors(chosen, service, colors=_stdout_is_tty()),
+        )
+    )
+
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        if isinstance(existing, _StdoutHandler):
+            root.removeHandler(existing)
+            existing.close()
+    root.addHandler(handler)
+    root.setLevel(root_level)
+
+    for name in _ROUTED_LOGGERS:
+        routed = logging.getLogger(name)
+        for existing in list(routed.handlers):
+            routed.removeHandler(existing)
+        routed.propagate = True
+        routed.setLevel(logging.NOTSET)
+    for name, floor in _DEFAULT_LOGGER_FLOORS.items():
+        logging.getLogger(name).setLevel(max(floor, root_level))
+    for name, name_level in (logger_levels or {}).items():
+        logging.getLogger(name).setLevel(_parse_level(name_level))
+
+
+def get_logger(name: str | None = None) -> structlog.stdlib.BoundLogger:
+    """Return a structlog logger that goes through `configure_logging`'s chain.
+
+    Safe to call at import time, before `configure_logging`: the logger resolves its
+    configuration on each call. With no *name*, the calling module's name is used, so per-module
+    levels work as with stdlib logging.
+    """
+    if name is None:
+        # Resolved here, once, rather than by structlog inspecting frames on every call.
+        name = str(sys._getframe(1).f_globals.get("__name__", "courier"))
+    return structlog.stdlib.get_logger(name)

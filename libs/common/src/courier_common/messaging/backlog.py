@@ -1,0 +1,121 @@
+"""Queue depth as the broker sees it, polled into ``courier_queue_messages``.
+
+Ready and unacked counts come from the management API (AMQP's passive declare reports only
+ready messages, and unacked ones are backlog too: they are what a dead worker leaves behind).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+import httpx
+
+from courier_common.logging import get_logger
+from courier_common.metrics import MessagingMetrics
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    name: str
+    ready: int
+    unacked: int
+    consumers: int
+
+
+def _split_credentials(url: str) -> tuple[str, httpx.BasicAuth | None]:
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    netloc = parts.hostname or ""
+    if ":" in netloc:
+        netloc = f"[{netloc}]"
+    if parts.port:
+        netloc += f":{parts.port}"
+    bare = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+    return bare, httpx.BasicAuth(unquote(parts.username), unquote(parts.password or ""))
+
+
+class ManagementClient:
+    """The few RabbitMQ management API calls Courier needs."""
+
+    def __init__(self, base_url: str, *, timeout: float = 5.0) -> None:
+        url, auth = _split_credentials(base_url.rstrip("/"))
+        self._client = httpx.AsyncClient(base_url=url, auth=auth, timeout=timeout)
+
+    async def queue_depth(self, vhost: str, queue: str) -> QueueDepth:
+        response = await self._client.get(
+            f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}",
+            params={"columns": "name,messages_ready,messages_unacknowledged,consumers"},
+        )
+        response.raise_for_status()
+        body = response.json()
+        return QueueDepth(
+            name=queue,
+            ready=int(body.get("messages_ready") or 0),
+            unacked=int(body.get("messages_unacknowledged") or 0),
+            consumers=int(body.get("consumers") or 0),
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class BacklogMonitor:
+    """Polls the depth of some queues every ``interval`` seconds into the backlog gauges."""
+
+    def __init__(
+        self,
+        client: ManagementClient,
+        *,
+        vhost: str,
+        queues: Sequence[str],
+        metrics: MessagingMetrics,
+        interval: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.vhost = vhost
+        self.queues = tuple(queues)
+        self.metrics = metrics
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._warned = False
+
+    async def poll_once(self) -> list[QueueDepth]:
+        depths: list[QueueDepth] = []
+        for name in self.queues:
+            depth = await self.client.queue_depth(self.vhost, name)
+            self.metrics.queue_messages.labels(name, "ready").set(depth.ready)
+            self.metrics.queue_messages.labels(name, "unacked").set(depth.unacked)
+            self.metrics.queue_consumers.labels(name).set(depth.consumers)
+            depths.append(depth)
+        return depths
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.poll_once()
+                self._warned = False
+            except (httpx.HTTPError, ValueError) as exc:
+                if not self._warned:  # one line per outage, not one per poll
+                    log.warning("backlog_poll_failed", error=repr(exc))
+                    self._warned = True
+            await asyncio.sleep(self.interval)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="courier-backlog-monitor")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.client.aclose()

@@ -1,0 +1,156 @@
+"""At-least-once in, effectively-once out: claim, do the work, mark done.
+
+Per key (consumer, event id, channel)::
+
+    SET key processing:<token> NX EX <lease>   -> claimed: do the work
+    ... work succeeds ...  SET key done EX <retention>
+    ... work fails ...     DEL key (only if we still own the claim)
+
+``done`` means the effect already happened: skip and ack. A live claim held by another
+worker means "try later" (:class:`RetryableError`). A worker that dies holding a claim loses
+nothing: its message is redelivered and the claim expires after the lease. Claiming ``done``
+before the work (SET NX done) would lose the message when the worker dies mid-work; that is
+why the claim and the done mark are separate.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from redis.asyncio import Redis
+
+from courier_common.messaging.retry import RetryableError
+from courier_common.metrics import MessagingMetrics
+
+T = TypeVar("T")
+
+DONE = b"done"
+_RELEASE_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_DONE_IF_OWNER_OR_FREE = """
+local current = redis.call('GET', KEYS[1])
+if current == false or current == ARGV[1] then
+  redis.call('SET', KEYS[1], 'done', 'EX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class ClaimResult(enum.Enum):
+    CLAIMED = "claimed"
+    DONE = "done"
+    BUSY = "busy"
+
+
+@dataclass(slots=True)
+class Claim:
+    key: str
+    token: str
+    result: ClaimResult
+
+
+@dataclass(slots=True)
+class _SkipTracker:
+    ran: int = 0
+    skipped: int = 0
+
+
+_tracker: contextvars.ContextVar[_SkipTracker | None] = contextvars.ContextVar(
+    "courier_idempotency_tracker", default=None
+)
+
+
+def track_skips() -> _SkipTracker:
+    """Start counting, in this context, the effects run and skipped by :meth:`run_once`.
+
+    The consumer runner uses it to tell a duplicate delivery (every effect skipped) from
+    a handled one, without the handler having to say so.
+    """
+    tracker = _SkipTracker()
+    _tracker.set(tracker)
+    return tracker
+
+
+@dataclass(slots=True)
+class IdempotencyStore:
+    """The claim / done / release protocol on Redis."""
+
+    redis: Redis
+    prefix: str = "courier:"
+    lease_seconds: float = 60.0
+    retention_seconds: int = 7 * 24 * 3600
+    metrics: MessagingMetrics | None = None
+
+    def key(self, *parts: str) -> str:
+        return self.prefix + "idem:" + ":".join(parts)
+
+    async def claim(self, key: str) -> Claim:
+        token = "processing:" + secrets.token_hex(8)
+        lease_ms = max(1, round(self.lease_seconds * 1000))
+        if await self.redis.set(key, token, nx=True, px=lease_ms):
+            result = ClaimResult.CLAIMED
+        else:
+            current = await self.redis.get(key)
+            if current is None:  # expired between SET and GET: try once more
+                claimed = await self.redis.set(key, token, nx=True, px=lease_ms)
+                result = ClaimResult.CLAIMED if claimed else ClaimResult.BUSY
+            else:
+                result = ClaimResult.DONE if _as_bytes(current) == DONE else ClaimResult.BUSY
+        if self.metrics is not None:
+            self.metrics.idempotency_claims.labels(result.value).inc()
+        return Claim(key=key, token=token, result=result)
+
+    async def done(self, claim: Claim) -> bool:
+        """Mark the work done. False if our lease had passed to another worker meanwhile."""
+        marked = await self.redis.eval(
+            _DONE_IF_OWNER_OR_FREE, 1, claim.key, claim.token, str(self.retention_seconds)
+        )
+        return bool(marked)
+
+    async def release(self, claim: Claim) -> None:
+        """Give the claim back after a failure, so the retry can claim it at once."""
+        await self.redis.eval(_RELEASE_IF_OWNER, 1, claim.key, claim.token)
+
+    async def is_done(self, key: str) -> bool:
+        return _as_bytes(await self.redis.get(key)) == DONE
+
+    async def run_once(self, key: str, effect: Callable[[], Awaitable[T]]) -> T | None:
+        """Run ``effect`` unless it already ran for ``key``; None when it was skipped.
+
+        Raises :class:`RetryableError` while another worker holds the claim.
+        """
+        claim = await self.claim(key)
+        tracker = _tracker.get()
+        if claim.result is ClaimResult.DONE:
+            if tracker is not None:
+                tracker.skipped += 1
+            return None
+        if claim.result is ClaimResult.BUSY:
+            raise RetryableError(f"another worker is handling {key!r}")
+        try:
+            result = await effect()
+        except BaseException:
+            await self.release(claim)
+            raise
+        await self.done(claim)
+        if tracker is not None:
+            tracker.ran += 1
+        return result
+
+
+def _as_bytes(value: object) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode()

@@ -1,0 +1,181 @@
+"""Courier's RabbitMQ topology, declared in one place.
+
+The names are a contract (ARCHITECTURE.md). Every exchange and queue is described here as a
+value; :func:`declare_topology` declares them idempotently. When a queue already exists with
+other arguments, startup fails with :class:`TopologyMismatchError` naming the argument,
+instead of the broker's channel error surfacing somewhere else later.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractExchange, AbstractQueue, AbstractRobustChannel
+
+from courier_common.messaging.retry import RetryPolicy, format_delay
+
+EVENTS_EXCHANGE = "courier.events"
+DEAD_LETTER_EXCHANGE = "courier.dlx"
+DEAD_LETTER_QUEUE = "courier.dead-letters"
+#: The broker's nameless direct exchange: routing key = queue name. Retry hops use it.
+DEFAULT_EXCHANGE = ""
+
+
+class TopologyMismatchError(RuntimeError):
+    """A queue or exchange exists with other properties than Courier declares."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkQueue:
+    """A quorum queue a service consumes, with its retry tiers and dead-lettering.
+
+    ``delivery_limit`` catches the worker that dies before deciding (the broker counts the
+    redelivery and dead-letters the message past the limit); ``max_length`` with
+    ``x-overflow=reject-publish`` makes a full queue refuse publishes (the publisher sees a
+    nack) rather than drop the oldest message.
+    """
+
+    name: str
+    binding_keys: tuple[str, ...]
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    delivery_limit: int = 5
+    max_length: int | None = None
+
+    def retry_queue_name(self, delay: timedelta) -> str:
+        return f"{self.name}.retry.{format_delay(delay)}"
+
+    @property
+    def retry_queue_names(self) -> tuple[str, ...]:
+        return tuple(self.retry_queue_name(d) for d in self.retry.delays)
+
+    def arguments(self) -> dict[str, Any]:
+        args: dict[str, Any] = {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        if self.max_length is not None:
+            args["x-max-length"] = self.max_length
+        return args
+
+    def retry_arguments(self, delay: timedelta) -> dict[str, Any]:
+        """A retry tier: messages wait ``delay`` then dead-letter back to the work queue."""
+        return {
+            "x-queue-type": "quorum",
+            "x-message-ttl": round(delay.total_seconds() * 1000),
+            "x-dead-letter-exchange": DEFAULT_EXCHANGE,
+            "x-dead-letter-routing-key": self.name,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+
+
+#: The notification-service's work queue.
+NOTIFICATION_USER_EVENTS = WorkQueue(
+    name="notification.user-events",
+    binding_keys=("user.*",),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Everything Courier declares on one vhost."""
+
+    work_queues: tuple[WorkQueue, ...] = (NOTIFICATION_USER_EVENTS,)
+    events_exchange: str = EVENTS_EXCHANGE
+    dead_letter_exchange: str = DEAD_LETTER_EXCHANGE
+    dead_letter_queue: str = DEAD_LETTER_QUEUE
+
+    def work_queue(self, name: str) -> WorkQueue:
+        for queue in self.work_queues:
+            if queue.name == name:
+                return queue
+        raise KeyError(f"no work queue named {name!r} in this topology")
+
+    @property
+    def dead_letter_queue_arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum"}
+
+
+@dataclass(slots=True)
+class DeclaredTopology:
+    """Handles to what was declared. Hold on to it: aio-pika keeps these weakly."""
+
+    exchanges: dict[str, AbstractExchange] = field(default_factory=dict)
+    queues: dict[str, AbstractQueue] = field(default_factory=dict)
+
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)' for (?P<kind>queue|exchange) '(?P<name>[^']+)'"
+    r"(?: in vhost '[^']*')?: received (?P<received>.+?) but current is (?P<current>.+)$"
+)
+
+
+def _mismatch(exc: aiormq.exceptions.ChannelPreconditionFailed, kind: str, name: str) -> Exception:
+    text = str(exc.args[0] if exc.args else exc)
+    found = _INEQUIVALENT.search(text.strip("'\" )"))
+    if found:
+        return TopologyMismatchError(
+            f"{found['kind']} '{found['name']}' already exists with a different "
+            f"'{found['arg']}': Courier declares {found['received']}, the broker has "
+            f"{found['current']}. Delete or migrate the {found['kind']} (e.g. with a "
+            "policy or a shovel), or align the configuration."
+        )
+    return TopologyMismatchError(f"{kind} '{name}' exists with other properties: {text}")
+
+
+async def _declare_queue(
+    channel: AbstractRobustChannel, name: str, arguments: dict[str, Any]
+) -> AbstractQueue:
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise _mismatch(exc, "queue", name) from exc
+
+
+async def _declare_exchange(
+    channel: AbstractRobustChannel, name: str, kind: aio_pika.ExchangeType
+) -> AbstractExchange:
+    try:
+        return await channel.declare_exchange(name, kind, durable=True)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise _mismatch(exc, "exchange", name) from exc
+
+
+async def declare_topology(channel: AbstractRobustChannel, topology: Topology) -> DeclaredTopology:
+    """Declare every exchange, queue, retry tier and binding; safe to run on every start.
+
+    Declared on a robust channel, so aio-pika re-declares all of it after a reconnect
+    (a broker that lost its data gets the topology back before consumers resubscribe).
+    """
+    declared = DeclaredTopology()
+    events = await _declare_exchange(channel, topology.events_exchange, aio_pika.ExchangeType.TOPIC)
+    dlx = await _declare_exchange(
+        channel, topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT
+    )
+    declared.exchanges = {events.name: events, dlx.name: dlx}
+
+    dead = await _declare_queue(
+        channel, topology.dead_letter_queue, topology.dead_letter_queue_arguments
+    )
+    await dead.bind(dlx, routing_key="#")
+    declared.queues[dead.name] = dead
+
+    for work in topology.work_queues:
+        queue = await _declare_queue(channel, work.name, work.arguments())
+        for key in work.binding_keys:
+            await queue.bind(events, routing_key=key)
+        declared.queues[queue.name] = queue
+        for delay in work.retry.delays:
+            tier = await _declare_queue(
+                channel, work.retry_queue_name(delay), work.retry_arguments(delay)
+            )
+            declared.queues[tier.name] = tier
+    return declared

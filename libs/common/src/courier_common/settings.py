@@ -1,0 +1,131 @@
+"""The settings every Courier service shares.
+
+Configuration is environment only, prefix ``COURIER_`` (see the run contract in
+ARCHITECTURE.md). Each service subclasses :class:`CourierSettings`, builds it once in its
+entry point and passes it down: there is no module-level settings object, so tests build
+their own.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import quote, unquote, urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Environment = Literal["development", "test", "production"]
+
+#: Credentials that must never reach production: RabbitMQ's and the examples' defaults.
+PLACEHOLDER_SECRETS = frozenset({"", "guest", "changeme", "change-me", "secret", "password"})
+
+
+class CourierSettings(BaseSettings):
+    """Settings shared by every service; services extend it with their own fields."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COURIER_",
+        extra="ignore",
+        frozen=True,
+        validate_default=True,
+    )
+
+    environment: Environment = Field(
+        default="development",
+        description="development and test allow the well-known local credentials; "
+        "production refuses them.",
+    )
+    amqp_url: str = Field(
+        default="amqp://guest:guest@127.0.0.1:5672/",
+        description="RabbitMQ URL; the path is the vhost (percent-encoded, '/' is the default).",
+    )
+    amqp_management_url: str | None = Field(
+        default=None,
+        description="RabbitMQ management API base URL used to poll queue depth; "
+        "derived from amqp_url (same host and credentials, port 15672) when unset.",
+    )
+    amqp_heartbeat_seconds: int = Field(
+        default=30,
+        ge=0,
+        le=600,
+        description="AMQP heartbeat: a hung broker is detected after about twice this.",
+    )
+    amqp_prefetch: int = Field(
+        default=32,
+        ge=1,
+        le=10_000,
+        description="Messages a worker holds unacked, and so handles concurrently.",
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0")
+    redis_prefix: str = Field(
+        default="courier:",
+        description="Prefix of every Redis key this deployment writes.",
+    )
+    http_host: str = Field(default="127.0.0.1")
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "console"] | None = Field(
+        default=None,
+        description="json or console; unset means console on a TTY, json otherwise.",
+    )
+    drain_timeout_seconds: float = Field(
+        default=25.0,
+        gt=0,
+        description="On SIGTERM, how long in-flight messages get to finish. Keep it below "
+        "the pod's terminationGracePeriodSeconds.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must look like amqp://user:password@host:5672/vhost")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix") or (
+            parts.scheme != "unix" and not parts.hostname
+        ):
+            raise ValueError("must look like redis://host:6379/0")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_placeholder_secrets(self) -> CourierSettings:
+        if self.environment != "production":
+            return self
+        for name, url in (("amqp_url", self.amqp_url), ("redis_url", self.redis_url)):
+            password = urlsplit(url).password
+            if password is not None and unquote(password) in PLACEHOLDER_SECRETS:
+                raise ValueError(
+                    f"COURIER_{name.upper()} uses a placeholder password; "
+                    "set a real secret for production"
+                )
+        return self
+
+    @property
+    def amqp_vhost(self) -> str:
+        """The vhost named by ``amqp_url`` ('/' when the path is empty)."""
+        path = urlsplit(self.amqp_url).path
+        return unquote(path[1:]) if len(path) > 1 else "/"
+
+    @property
+    def management_url(self) -> str:
+        """Base URL of the management API, with credentials, no trailing slash."""
+        if self.amqp_management_url:
+            return self.amqp_management_url.rstrip("/")
+        parts = urlsplit(self.amqp_url)
+        user = quote(unquote(parts.username or "guest"), safe="")
+        password = quote(unquote(parts.password or "guest"), safe="")
+        scheme = "https" if parts.scheme == "amqps" else "http"
+        host = parts.hostname or "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        return f"{scheme}://{user}:{password}@{host}:15672"
