@@ -1,0 +1,3 @@
+"""Fixtures for every test in the repository (libs, services and cross-service tests)."""
+
+pytest_plugins = ["tests.support.fixtures", "tests.support.private_services"]

@@ -1,0 +1,72 @@
+"""Queue depth from the broker: ready and unacked messages and consumers, as gauges."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aio_pika.abc import AbstractRobustChannel
+
+from courier_common.messaging import Publisher, new_event
+from courier_common.messaging.backlog import BacklogMonitor, ManagementClient
+from courier_common.messaging.topology import DeclaredTopology
+from courier_common.metrics import MessagingMetrics
+from tests.support.fixtures import BrokerVhost
+from tests.support.helpers import eventually
+from tests.support.messaging import WORK, Pinged
+
+
+async def test_backlog_reports_ready_and_unacked(
+    declared: DeclaredTopology,
+    channel: AbstractRobustChannel,
+    metrics: MessagingMetrics,
+    vhost: BrokerVhost,
+) -> None:
+    publisher = Publisher(channel)
+    for n in range(5):
+        await publisher.publish_event(new_event(Pinged(n=n), source="t"))
+    holder = await channel.declare_queue(WORK.name, passive=True)
+    held = [await holder.get(no_ack=False) for _ in range(2)]  # 2 unacked, 3 ready
+
+    monitor = BacklogMonitor(
+        ManagementClient(vhost.management_url),
+        vhost=vhost.name,
+        queues=[WORK.name],
+        metrics=metrics,
+        interval=0.5,
+    )
+    monitor.start()
+
+    def gauge(state: str) -> float:
+        value: float = metrics.queue_messages.labels(WORK.name, state)._value.get()
+        return value
+
+    try:
+        # The management API's statistics refresh every few seconds.
+        await eventually(
+            lambda: (gauge("ready"), gauge("unacked")) == (3, 2),
+            timeout=30,
+            interval=0.2,
+            what="ready=3 unacked=2",
+        )
+    finally:
+        await monitor.stop()
+        for message in held:
+            await message.ack()
+    await asyncio.sleep(0)
+
+
+async def test_an_unreachable_management_api_is_reported_not_raised(
+    metrics: MessagingMetrics,
+) -> None:
+    monitor = BacklogMonitor(
+        ManagementClient("http://guest:guest@127.0.0.1:9"),
+        vhost="/",
+        queues=[WORK.name],
+        metrics=metrics,
+        interval=0.05,
+    )
+    monitor.start()
+    await asyncio.sleep(0.3)
+    assert monitor._task is not None
+    assert not monitor._task.done()
+    await monitor.stop()

@@ -1,0 +1,30 @@
+"""A small topology and event type for tests of the messaging core (in-process or not)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from courier_common.messaging import EventData, RetryPolicy, Topology, WorkQueue
+
+
+class Pinged(EventData):
+    """A test event type."""
+
+    event_type = "test.pinged"
+    event_version = 1
+
+    n: int
+    note: str = ""
+
+
+#: Short tiers so retry tests take about a second, the same shape as production.
+FAST_RETRY = RetryPolicy(
+    delays=(timedelta(milliseconds=300), timedelta(milliseconds=600)), max_attempts=3
+)
+WORK = WorkQueue(
+    name="notification.user-events",
+    binding_keys=("user.*", "test.*"),
+    retry=FAST_RETRY,
+    delivery_limit=3,
+)
+TOPOLOGY = Topology(work_queues=(WORK,))
