@@ -18,6 +18,8 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, DeliveryMode
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 from opentelemetry.trace import Tracer
 
 from courier_common.messaging.envelope import CONTENT_TYPE, Event
@@ -61,6 +63,9 @@ class OutgoingMessage:
     headers: dict[str, Any] = field(default_factory=dict)
     timestamp: datetime | None = None
     correlation_id: str | None = None
+    #: The trace this publish belongs to, when it is not the current one (the outbox relay
+    #: publishes on behalf of a request that has long returned).
+    trace_context: Context | None = None
 
     @classmethod
     def for_event(
@@ -111,6 +116,16 @@ class Publisher:
 
     async def publish(self, message: OutgoingMessage) -> None:
         """Publish and wait for the confirm; raise a :class:`PublishError` otherwise."""
+        if message.trace_context is None:
+            await self._publish_traced(message)
+            return
+        token = otel_context.attach(message.trace_context)
+        try:
+            await self._publish_traced(message)
+        finally:
+            otel_context.detach(token)
+
+    async def _publish_traced(self, message: OutgoingMessage) -> None:
         with publish_span(
             self.tracer,
             exchange=message.exchange,
