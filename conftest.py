@@ -1,3 +1,7 @@
 """Fixtures for every test in the repository (libs, services and cross-service tests)."""
 
-pytest_plugins = ["tests.support.fixtures", "tests.support.private_services"]
+pytest_plugins = [
+    "tests.support.fixtures",
+    "tests.support.private_services",
+    "tests.support.processes",
+]

@@ -15,10 +15,15 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
+import aio_pika
 import httpx
 import pytest
 import redis
 import redis.asyncio
+
+from courier_common.messaging import AmqpConnection
+from courier_common.tracing import init_tracing, shutdown_tracing
+from tests.support.helpers import EventTap
 
 AMQP_HOST = os.environ.get("COURIER_TEST_AMQP_HOST", "127.0.0.1")
 AMQP_PORT = int(os.environ.get("COURIER_TEST_AMQP_PORT", "5672"))
@@ -175,3 +180,26 @@ async def redis_client(redis_prefix: str) -> AsyncIterator[redis.asyncio.Redis]:
     client = redis.asyncio.Redis.from_url(REDIS_URL)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tracer_provider() -> Iterator[None]:
+    """A real (SDK) tracer provider, as every service installs one: spans get ids, so trace
+    context flows through HTTP, the outbox and AMQP headers in tests too. No exporter."""
+    os.environ.setdefault("OTEL_TRACES_EXPORTER", "none")
+    provider = init_tracing("courier-tests")
+    yield
+    shutdown_tracing(provider)
+
+
+@pytest.fixture
+async def event_tap(amqp_url: str) -> AsyncIterator[EventTap]:
+    connection = await AmqpConnection(amqp_url, client_name="tap").connect()
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(
+        "courier.events", aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue("test.tap", exclusive=True)
+    await queue.bind(exchange, "user.*")
+    yield EventTap(channel, queue)
+    await connection.close()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
 import pytest
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
 
 async def eventually(
@@ -69,3 +70,30 @@ async def ready_count(channel: AbstractRobustChannel, queue_name: str) -> int:
     declared = await channel.declare_queue(queue_name, passive=True)
     result: Any = declared.declaration_result
     return int(result.message_count)
+
+
+class EventTap:
+    """A queue of our own bound to ``courier.events`` that collects what user-service emits."""
+
+    def __init__(self, channel: AbstractRobustChannel, queue: AbstractQueue) -> None:
+        self.channel = channel
+        self.queue = queue
+        self.messages: list[AbstractIncomingMessage] = []
+
+    async def collect(self, count: int, *, timeout: float = 30) -> list[AbstractIncomingMessage]:
+        async def enough() -> bool:
+            while True:
+                message = await self.queue.get(no_ack=True, fail=False)
+                if message is None:
+                    return len(self.messages) >= count
+                self.messages.append(message)
+
+        await eventually(enough, timeout=timeout, what=f"{count} events")
+        return self.messages
+
+    def bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(m.body) for m in self.messages]
+
+
+def user_payload(email: str = "ada@example.com", **extra: Any) -> dict[str, Any]:
+    return {"email": email, "display_name": "Ada", "locale": "en", **extra}

@@ -1,0 +1,1 @@
+"""Courier user-service: registers users and emits their events through an outbox."""

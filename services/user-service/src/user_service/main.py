@@ -1,0 +1,148 @@
+"""user-service entry point: ``create_app(settings)`` for tests, ``run()`` for the console."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from courier_common.events import USER_EVENTS
+from courier_common.http import (
+    BodySizeLimitMiddleware,
+    HttpMetrics,
+    HttpMetricsMiddleware,
+    health_router,
+    install_problem_handlers,
+    serve,
+)
+from courier_common.logging import configure_logging, get_logger
+from courier_common.messaging import AmqpConnection, Topology, TopologyMismatchError
+from courier_common.metrics import MessagingMetrics
+from courier_common.tracing import init_tracing, shutdown_tracing
+from user_service.api import users
+from user_service.config import Settings
+from user_service.outbox import OutboxMetrics, OutboxRelay
+from user_service.store import UserStore
+
+log = get_logger(__name__)
+SERVICE = "user-service"
+
+
+async def _supervise(relay: OutboxRelay) -> None:
+    """Keep the relay running; a topology mismatch is fatal (it needs an operator)."""
+    while True:
+        try:
+            await relay.run()
+            return
+        except TopologyMismatchError as exc:
+            log.critical("outbox_relay_fatal", error=str(exc))
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        except Exception:
+            log.exception("outbox_relay_crashed")
+            await asyncio.sleep(1)
+
+
+def create_app(settings: Settings, *, topology: Topology | None = None) -> FastAPI:
+    """The ASGI app; connections open in its lifespan, so building it does no I/O."""
+    registry = CollectorRegistry()
+    http_metrics = HttpMetrics(registry)
+    messaging_metrics = MessagingMetrics(registry, event_types=[e.event_type for e in USER_EVENTS])
+    outbox_metrics = OutboxMetrics(registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = Redis.from_url(
+            settings.redis_url,
+            health_check_interval=30,
+            socket_timeout=settings.outbox_block_ms / 1000 + 10,
+            socket_connect_timeout=5,
+        )
+        store = UserStore(redis, prefix=settings.redis_prefix)
+        connection = AmqpConnection(
+            settings.amqp_url, client_name=SERVICE, heartbeat=settings.amqp_heartbeat_seconds
+        )
+        relay = OutboxRelay(
+            redis=redis,
+            stream=store.outbox_key,
+            connection=connection,
+            topology=topology or Topology(),
+            metrics=outbox_metrics,
+            messaging_metrics=messaging_metrics,
+            batch_size=settings.outbox_batch_size,
+            block_ms=settings.outbox_block_ms,
+            claim_idle_ms=settings.outbox_claim_idle_ms,
+            retry_max_seconds=settings.outbox_retry_max_seconds,
+        )
+        app.state.settings = settings
+        app.state.store = store
+        app.state.relay = relay
+        task = asyncio.create_task(_supervise(relay)) if settings.relay_enabled else None
+        try:
+            yield
+        finally:
+            relay.stop()
+            if task is not None:
+                try:
+                    await asyncio.wait_for(task, 10)
+                except TimeoutError:
+                    log.warning("outbox_relay_stop_timeout")
+                with contextlib.suppress(asyncio.CancelledError):
+                    task.cancel()
+                    await task
+            await connection.close()
+            await redis.aclose()
+
+    async def readiness() -> Mapping[str, Any]:
+        store: UserStore = app.state.store
+        relay: OutboxRelay = app.state.relay
+        try:
+            redis_ok = await store.ping()
+        except Exception as exc:
+            return {"ready": False, "redis": f"error: {type(exc).__name__}"}
+        # The broker is reported, not required: the outbox buffers while it is away.
+        return {
+            "ready": redis_ok,
+            "redis": "ok" if redis_ok else "down",
+            "broker": "connected" if relay.broker_connected else "disconnected",
+            "relay": "on" if settings.relay_enabled else "off",
+        }
+
+    app = FastAPI(
+        title="Courier user-service",
+        version="0.1.0",
+        description="Register users; their events leave through a transactional outbox.",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    app.include_router(users.router)
+    app.include_router(health_router(readiness=readiness, registry=registry))
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
+    app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def run() -> None:
+    """Console entry point: ``user-service``."""
+    settings = Settings()
+    configure_logging(level=settings.log_level, fmt=settings.log_format, service=SERVICE)
+    provider = init_tracing(SERVICE)
+    try:
+        serve(
+            create_app(settings),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level=settings.log_level,
+        )
+    finally:
+        shutdown_tracing(provider)
