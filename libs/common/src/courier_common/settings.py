@@ -8,11 +8,15 @@ their own.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from courier_common.messaging.retry import RetryPolicy
+from courier_common.messaging.topology import NOTIFICATION_USER_EVENTS, Topology, WorkQueue
 
 Environment = Literal["development", "test", "production"]
 
@@ -68,6 +72,26 @@ class CourierSettings(BaseSettings):
         default=None,
         description="json or console; unset means console on a TTY, json otherwise.",
     )
+    retry_delays_seconds: list[float] = Field(
+        default=[5.0, 30.0, 300.0],
+        min_length=1,
+        description="One retry tier per delay (JSON list), strictly increasing. Every service "
+        "must use the same value: they all declare the same topology.",
+    )
+    retry_max_attempts: int = Field(default=5, ge=1, le=100)
+    delivery_limit: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Deliveries of one message a worker may die on before the broker "
+        "dead-letters it.",
+    )
+    work_queue_max_length: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cap of the work queue; past it publishes are refused (the outbox keeps "
+        "the events), never dropped.",
+    )
     drain_timeout_seconds: float = Field(
         default=25.0,
         gt=0,
@@ -98,6 +122,13 @@ class CourierSettings(BaseSettings):
             raise ValueError("must look like redis://host:6379/0")
         return value
 
+    @field_validator("retry_delays_seconds")
+    @classmethod
+    def _check_delays(cls, value: list[float]) -> list[float]:
+        if any(d <= 0 for d in value) or value != sorted(set(value)):
+            raise ValueError("retry delays must be positive and strictly increasing")
+        return value
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> CourierSettings:
         if self.environment != "production":
@@ -110,6 +141,20 @@ class CourierSettings(BaseSettings):
                     "set a real secret for production"
                 )
         return self
+
+    def topology(self) -> Topology:
+        """The one topology every service declares, built from these settings."""
+        work = WorkQueue(
+            name=NOTIFICATION_USER_EVENTS.name,
+            binding_keys=NOTIFICATION_USER_EVENTS.binding_keys,
+            retry=RetryPolicy(
+                delays=tuple(timedelta(seconds=d) for d in self.retry_delays_seconds),
+                max_attempts=self.retry_max_attempts,
+            ),
+            delivery_limit=self.delivery_limit,
+            max_length=self.work_queue_max_length,
+        )
+        return Topology(work_queues=(work,))
 
     @property
     def amqp_vhost(self) -> str:
