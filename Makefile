@@ -28,9 +28,9 @@ test-fast: ## Tests without set-up or lint (services must already be up)
 lint: ## ruff (lint + format check) and mypy (strict for libs/common)
 	@$(UV) run --locked ruff check .
 	@$(UV) run --locked ruff format --check .
-	@$(UV) run --locked mypy libs/common/src
+	@$(UV) run --locked mypy libs/common/src tools/sinks/src
 	@$(UV) run --locked mypy services/*/src tests libs/common/tests conftest.py scripts
-	@for d in services/*/tests; do $(UV) run --locked mypy --config-file pyproject.toml $$d || exit 1; done
+	@for d in services/*/tests tools/*/tests; do $(UV) run --locked mypy --config-file pyproject.toml $$d || exit 1; done
 
 fmt: ## Format and auto-fix what ruff can
 	@$(UV) run --locked ruff check --fix .

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+
 from user_service.config import Settings
 from user_service.main import create_app
 

@@ -1,0 +1,1 @@
+"""Courier notification-service: welcomes users on the channels they chose."""

@@ -1,0 +1,146 @@
+"""The outside world: SMTP for email, HTTP providers for SMS and push.
+
+Each sender does one delivery and turns every way it can fail into one of two answers:
+:class:`RetryableError` (timeouts, connection errors, HTTP 5xx/408/429, SMTP 4xx: trying
+again later can work) or :class:`PermanentError` (HTTP 4xx, SMTP 5xx: it never will). The
+event id travels with every send (a stable ``Message-ID``, an ``Idempotency-Key``) so that a
+provider can drop the duplicate of a send whose success we did not get to record.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import Any
+
+import aiosmtplib
+import httpx
+
+from courier_common.logging import scrub_text
+from courier_common.messaging import PermanentError, RetryableError
+
+MAX_ERROR_TEXT = 300
+
+
+def message_id(event_id: str, channel: str, domain: str) -> str:
+    """The same event always gets the same Message-ID, so a re-send is recognisable."""
+    return f"<{event_id}.{channel}@{domain}>"
+
+
+class EmailSender:
+    """Sends one email per call over SMTP (aiosmtplib)."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        sender: str,
+        timeout: float,
+        username: str | None = None,
+        password: str | None = None,
+        start_tls: bool | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.sender = sender
+        self.timeout = timeout
+        self.username = username
+        self.password = password
+        self.start_tls = start_tls
+        self.domain = email.utils.parseaddr(sender)[1].rpartition("@")[2] or "courier.local"
+
+    async def send(
+        self, *, to: str, subject: str, text: str, html: str, msg_id: str, locale: str
+    ) -> None:
+        message = EmailMessage()
+        message["From"] = self.sender
+        message["To"] = to
+        message["Subject"] = subject
+        message["Message-ID"] = msg_id
+        message["Date"] = email.utils.format_datetime(datetime.now(UTC))
+        message.set_content(text)
+        message.add_alternative(html, subtype="html")
+        message["Content-Language"] = locale  # after the body: set_content clears Content-*
+        try:
+            await aiosmtplib.send(
+                message,
+                hostname=self.host,
+                port=self.port,
+                timeout=self.timeout,
+                username=self.username,
+                password=self.password,
+                start_tls=self.start_tls,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [error.code for error in exc.recipients]
+            reason = f"SMTP refused the recipient ({', '.join(map(str, codes))})"
+            if all(400 <= code < 500 for code in codes):
+                raise RetryableError(reason) from exc
+            raise PermanentError(reason) from exc
+        except aiosmtplib.SMTPResponseException as exc:
+            reason = f"SMTP {exc.code}: {_short(exc.message)}"
+            if 400 <= exc.code < 500:
+                raise RetryableError(reason) from exc
+            raise PermanentError(reason) from exc
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
+            raise RetryableError(
+                f"SMTP unreachable: {type(exc).__name__}: {_short(str(exc))}"
+            ) from exc
+
+
+class HttpProvider:
+    """A JSON-over-HTTP provider (SMS or push) with a bearer token."""
+
+    def __init__(self, *, channel: str, url: str, token: str, client: httpx.AsyncClient) -> None:
+        self.channel = channel
+        self.url = url
+        self.token = token
+        self.client = client
+
+    async def send(self, payload: dict[str, Any], *, idempotency_key: str) -> None:
+        try:
+            response = await self.client.post(
+                self.url,
+                json=payload,
+                headers={
+                    "Authorization": f"Bearer {self.token}",
+                    "Idempotency-Key": idempotency_key,
+                },
+            )
+        except httpx.TimeoutException as exc:
+            raise RetryableError(f"{self.channel} provider timed out") from exc
+        except httpx.TransportError as exc:
+            raise RetryableError(
+                f"{self.channel} provider unreachable: {type(exc).__name__}"
+            ) from exc
+        status = response.status_code
+        if status < 300:
+            return
+        reason = f"{self.channel} provider answered {status}: {_short(response.text)}"
+        if status == 429 or status == 408 or status >= 500:
+            raise RetryableError(reason, retry_after=_retry_after(response))
+        raise PermanentError(reason)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Seconds from a ``Retry-After`` header (seconds or an HTTP date)."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _short(text: str) -> str:
+    """Provider error text for a reason: one line, bounded, PII masked."""
+    one_line = " ".join(text.split())
+    return scrub_text(one_line[:MAX_ERROR_TEXT])
