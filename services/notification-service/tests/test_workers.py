@@ -98,9 +98,7 @@ async def test_a_worker_killed_during_a_burst_loses_nothing(
 
     try:
         await eventually(accounted, timeout=120, interval=0.3, what="every registration")
-        await eventually(
-            lambda: _work_queue_empty(channel), timeout=30, what="an empty work queue"
-        )
+        await eventually(lambda: _work_queue_empty(channel), timeout=30, what="an empty work queue")
     finally:
         await connection.close()
     recipients = Counter(m["rcpt_tos"][0] for m in smtp_sink.messages)
