@@ -7,9 +7,9 @@ import json
 from collections import Counter
 
 import httpx
-from courier_sinks.smtp import SmtpSink
 
 from courier_common.messaging import AmqpConnection
+from courier_sinks.smtp import SmtpSink
 from notification_service.config import Settings as NotifierSettings
 from tests.support.helpers import eventually, ready_count
 from tests.support.processes import ServiceProcess, ServiceRunner
