@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -148,6 +149,9 @@ def test_rabbitmq_is_private_and_shared_broker_untouched(
     assert "rabbitmq_management" not in plugins
 
     assert asyncio.run(_roundtrip(node.url)) == b"ping"
+    # the owner tag that sweep_orphans() relies on must be visible on the Erlang VM
+    environ = Path(f"/proc/{node.beam_pid()}/environ").read_bytes()
+    assert f"COURIER_PRIVATE_SERVICE_OWNER={os.getpid()}:".encode() in environ
     node.kill()
     shared_url = f"amqp://guest:guest@127.0.0.1:{SHARED_AMQP_PORT}/"
     assert asyncio.run(_roundtrip(shared_url)) == b"ping", "the shared broker must be unaffected"
@@ -320,29 +324,34 @@ def test_fixture_fails_when_binaries_missing(
 
 
 def test_orphans_of_a_dead_test_process_are_swept(tmp_path: Path) -> None:
-    script = textwrap.dedent(
-        f"""
-        import os, pathlib
-        from tests.support.private_services import PrivateRedis
-        server = PrivateRedis(pathlib.Path({str(tmp_path)!r}))
-        server.start()
-        print(server.pid, flush=True)
-        os._exit(0)  # no cleanup at all: atexit handlers do not run
-        """
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    orphan = int(done.stdout.strip())
-    assert _alive(orphan)
-    with PrivateRedis(tmp_path) as mine:  # a live server of this process must survive
-        killed = sweep_orphans()
-        assert orphan in killed
-        assert mine.pid not in killed
-        assert mine.is_responsive()
-    assert not _alive(orphan)
+    # Start ours first: the first start() of a process sweeps orphans by itself.
+    with PrivateRedis(tmp_path) as mine:
+        script = textwrap.dedent(
+            f"""
+            import os, pathlib
+            from tests.support.private_services import PrivateRedis
+            server = PrivateRedis(pathlib.Path({str(tmp_path)!r}))
+            server.start()
+            print(server.pid, flush=True)
+            os._exit(0)  # no cleanup at all: atexit handlers do not run
+            """
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        orphan = int(done.stdout.strip())
+        try:
+            assert _alive(orphan)
+            killed = sweep_orphans()
+            assert orphan in killed
+            assert mine.pid not in killed
+            assert mine.is_responsive(), "a live server of this process must survive"
+            assert not _alive(orphan)
+        finally:
+            if _alive(orphan):
+                os.kill(orphan, signal.SIGKILL)

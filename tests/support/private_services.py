@@ -839,6 +839,10 @@ class PrivateRedis(_PrivateServer):
             "no",
             "--logfile",
             "",
+            # Keep argv/environ intact (the retitling overwrites them): sweep_orphans() finds
+            # leftovers by the owner tag in /proc/<pid>/environ.
+            "--set-proc-title",
+            "no",
         ]
 
     def _main_process(self) -> _ProcInfo:
