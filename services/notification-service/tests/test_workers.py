@@ -9,6 +9,7 @@ from collections import Counter
 import httpx
 
 from courier_common.messaging import AmqpConnection
+from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
 from notification_service.config import Settings as NotifierSettings
 from tests.support.helpers import eventually, ready_count
@@ -115,3 +116,43 @@ async def test_a_worker_killed_during_a_burst_loses_nothing(
 
 async def _work_queue_empty(channel: object) -> bool:
     return await ready_count(channel, "notification.user-events") == 0  # type: ignore[arg-type]
+
+
+async def test_sigterm_drains_in_flight_sends_and_exits_zero(
+    services: ServiceRunner,
+    notifier_settings: NotifierSettings,
+    user_settings: UserSettings,
+    http_sink: HttpSink,
+    amqp_url: str,
+) -> None:
+    worker = services.start("notification-service", service_env(notifier_settings))
+    users = services.start("user-service", service_env(user_settings))
+    http_sink.delay_next(5, 1500, path="/sms")
+    async with httpx.AsyncClient(base_url=users.url) as client:
+        for i in range(5):
+            response = await client.post(
+                "/v1/users",
+                json={
+                    "email": f"slow{i}@example.com",
+                    "display_name": "S",
+                    "channels": ["sms"],
+                    "phone": "+14155552671",
+                },
+            )
+            assert response.status_code == 201
+
+    async def all_in_flight() -> bool:
+        async with httpx.AsyncClient() as client:
+            ready = (await client.get(f"{worker.url}/readyz")).json()
+        return bool(ready.get("in_flight") == 5)
+
+    await eventually(all_in_flight, what="5 slow sends in flight")
+    assert await asyncio.to_thread(worker.stop, 30) == 0
+    assert len(http_sink.deliveries) == 5
+    assert "consumer_draining" in worker.logs(tail=10_000_000)
+    connection = await AmqpConnection(amqp_url, client_name="test").connect()
+    try:
+        channel = await connection.channel()
+        assert await ready_count(channel, "notification.user-events") == 0
+    finally:
+        await connection.close()

@@ -67,7 +67,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from courier_common.logging import get_logger, scrub_text
+from courier_common.logging import configure_logging, get_logger, scrub_text
+from courier_common.settings import CourierSettings
+from courier_common.tracing import init_tracing, shutdown_tracing
 
 __all__ = [
     "GRACEFUL_SHUTDOWN_SECONDS",
@@ -791,6 +793,21 @@ def serve(app: ASGIApp, *, host: str, port: int, log_level: str) -> None:
         lifespan="on",
     )
     _GracefulServer(config).run()
+
+
+def run_service(name: str, settings: CourierSettings, create_app: Callable[[], ASGIApp]) -> None:
+    """A service's console entry point: logging, tracing, then serve until SIGTERM."""
+    configure_logging(level=settings.log_level, fmt=settings.log_format, service=name)
+    provider = init_tracing(name)
+    try:
+        serve(
+            create_app(),
+            host=settings.http_host,
+            port=settings.http_port,
+            log_level=settings.log_level,
+        )
+    finally:
+        shutdown_tracing(provider)
 
 
 class _GracefulServer(uvicorn.Server):

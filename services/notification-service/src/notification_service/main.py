@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from courier_common.events import USER_EVENTS
-from courier_common.http import HttpMetrics, HttpMetricsMiddleware, health_router, serve
-from courier_common.logging import configure_logging, get_logger
+from courier_common.http import HttpMetrics, HttpMetricsMiddleware, health_router, run_service
+from courier_common.logging import get_logger
 from courier_common.messaging import (
     AmqpConnection,
     ConsumerRunner,
@@ -33,7 +33,6 @@ from courier_common.messaging import (
 )
 from courier_common.messaging.backlog import BacklogMonitor, ManagementClient
 from courier_common.metrics import MessagingMetrics
-from courier_common.tracing import init_tracing, shutdown_tracing
 from notification_service.config import Settings
 from notification_service.handlers import NotificationMetrics, Notifier
 from notification_service.rendering import Renderer
@@ -184,14 +183,4 @@ def create_app(settings: Settings) -> FastAPI:
 def run() -> None:
     """Console entry point: ``notification-service``."""
     settings = Settings()
-    configure_logging(level=settings.log_level, fmt=settings.log_format, service=SERVICE)
-    provider = init_tracing(SERVICE)
-    try:
-        serve(
-            create_app(settings),
-            host=settings.http_host,
-            port=settings.http_port,
-            log_level=settings.log_level,
-        )
-    finally:
-        shutdown_tracing(provider)
+    run_service(SERVICE, settings, lambda: create_app(settings))

@@ -22,12 +22,11 @@ from courier_common.http import (
     HttpMetricsMiddleware,
     health_router,
     install_problem_handlers,
-    serve,
+    run_service,
 )
-from courier_common.logging import configure_logging, get_logger
+from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, Topology, TopologyMismatchError
 from courier_common.metrics import MessagingMetrics
-from courier_common.tracing import init_tracing, shutdown_tracing
 from user_service.api import users
 from user_service.config import Settings
 from user_service.outbox import OutboxMetrics, OutboxRelay
@@ -135,14 +134,4 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
 def run() -> None:
     """Console entry point: ``user-service``."""
     settings = Settings()
-    configure_logging(level=settings.log_level, fmt=settings.log_format, service=SERVICE)
-    provider = init_tracing(SERVICE)
-    try:
-        serve(
-            create_app(settings),
-            host=settings.http_host,
-            port=settings.http_port,
-            log_level=settings.log_level,
-        )
-    finally:
-        shutdown_tracing(provider)
+    run_service(SERVICE, settings, lambda: create_app(settings))
