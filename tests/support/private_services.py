@@ -6,11 +6,13 @@ victim gets its own server here: own data directory, own free ports, own Erlang 
 cookie. A restart keeps the ports and the data directory, so durable queues, persistent
 messages and an append-only Redis file survive a ``kill()``.
 
-Use the fixtures from a conftest::
+Get the fixtures (``private_rabbitmq``, ``private_redis``) by loading this module as a plugin
+from the root conftest (``pytest_plugins = ["tests.support.private_services"]``) or by
+importing them into a conftest::
 
     from tests.support.private_services import private_rabbitmq, private_redis  # noqa: F401
 
-or the classes directly (they are context managers: ``__enter__`` starts, ``__exit__``
+or use the classes directly (they are context managers: ``__enter__`` starts, ``__exit__``
 closes). When the server binaries are missing the fixtures FAIL, they never skip: a fault
 test that silently does not run is a defect in CI.
 """
@@ -456,8 +458,14 @@ class _PrivateServer:
     def kill(self) -> None:
         """SIGKILL the server process and wait until it (and its helpers) are gone."""
         if not self.running:
+            if self._proc is not None:
+                self._kill_all()  # it died by itself: still reap it and its helpers
             return
-        main = self._main_process()
+        try:
+            main = self._main_process()
+        except PrivateServiceError:  # the launcher is alive but the server is already gone
+            self._kill_all()
+            return
         self._snapshot_tree()
         os.kill(main.pid, signal.SIGKILL)
         if not _wait_gone([main], _KILL_WAIT):
@@ -624,12 +632,15 @@ class PrivateRabbitMQ(_PrivateServer):
         """SIGKILL this node's Erlang VM (beam.smp) and wait until it is gone.
 
         With ``flush`` (the default) the node is first asked to sync its dets tables (see
-        ``flush_metadata``; skipped when paused, best effort otherwise, ~0.6 s). Pass
+        ``flush_metadata``; skipped when paused; if the CLI fails it waits 1 s instead, which
+        outlasts the directory's auto-save; ~0.4 s in total normally). Pass
         ``flush=False`` for a completely unannounced kill.
         """
         if flush and self.running and not self._paused:
-            with contextlib.suppress(PrivateServiceError):
+            try:
                 self.flush_metadata()
+            except PrivateServiceError:
+                time.sleep(1.0)  # the CLI failed: outwait the 500 ms dets auto-save instead
         super().kill()
 
     def diagnostics(self) -> str:
