@@ -4,4 +4,6 @@ pytest_plugins = [
     "tests.support.fixtures",
     "tests.support.private_services",
     "tests.support.processes",
+    "tests.support.stack",
+    "tests.support.archiver",
 ]

@@ -21,6 +21,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from courier_common.logging import configure_logging
 from courier_common.messaging import AmqpConnection
 from courier_common.tracing import init_tracing, shutdown_tracing
 from tests.support.helpers import EventTap
@@ -187,6 +188,9 @@ def _tracer_provider() -> Iterator[None]:
     """A real (SDK) tracer provider, as every service installs one: spans get ids, so trace
     context flows through HTTP, the outbox and AMQP headers in tests too. No exporter."""
     os.environ.setdefault("OTEL_TRACES_EXPORTER", "none")
+    # The services' own logging set-up (JSON lines, PII scrubbed), not structlog's defaults,
+    # whose pretty tracebacks take long enough to look like a hang under load.
+    configure_logging(level="INFO", fmt="json", service="courier-tests")
     provider = init_tracing("courier-tests")
     yield
     shutdown_tracing(provider)

@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, S
 from http import HTTPStatus
 from typing import Any, Final
 
+import redis.exceptions
 import uvicorn
 from fastapi import APIRouter, FastAPI
 from fastapi.encoders import jsonable_encoder
@@ -425,6 +426,17 @@ class _UnhandledErrorMiddleware:
             # connection, which is the only honest signal left to the client.
 
 
+async def _handle_storage_down(request: Request, exc: Exception) -> Response:
+    """Redis unreachable or too slow: a 503 the client may retry, not a 500 bug report."""
+    _log.warning("storage_unavailable", error=type(exc).__name__)
+    return problem_response(
+        503,
+        "Storage unavailable",
+        "The data store did not answer in time; try again shortly.",
+        headers={"Retry-After": "5"},
+    )
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Make every error this app answers an RFC 9457 problem, without echoing client input.
 
@@ -440,6 +452,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, _handle_problem_error)
     app.add_exception_handler(StarletteHTTPException, _handle_http_exception)
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
+    app.add_exception_handler(redis.exceptions.ConnectionError, _handle_storage_down)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _handle_storage_down)
     app.add_exception_handler(Exception, _handle_outer_exception)
     app.user_middleware.append(Middleware(_UnhandledErrorMiddleware))
 

@@ -16,7 +16,12 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from courier_common.messaging.retry import RetryPolicy
-from courier_common.messaging.topology import NOTIFICATION_USER_EVENTS, Topology, WorkQueue
+from courier_common.messaging.topology import (
+    ARCHIVER_USER_EVENTS,
+    NOTIFICATION_USER_EVENTS,
+    Topology,
+    WorkQueue,
+)
 
 Environment = Literal["development", "test", "production"]
 
@@ -61,6 +66,12 @@ class CourierSettings(BaseSettings):
         description="Messages a worker holds unacked, and so handles concurrently.",
     )
     redis_url: str = Field(default="redis://127.0.0.1:6379/0")
+    redis_max_connections: int = Field(
+        default=64,
+        ge=2,
+        le=10_000,
+        description="Redis connections per process; past it a request waits, never fails.",
+    )
     redis_prefix: str = Field(
         default="courier:",
         description="Prefix of every Redis key this deployment writes.",
@@ -144,17 +155,24 @@ class CourierSettings(BaseSettings):
 
     def topology(self) -> Topology:
         """The one topology every service declares, built from these settings."""
-        work = WorkQueue(
+        retry = RetryPolicy(
+            delays=tuple(timedelta(seconds=d) for d in self.retry_delays_seconds),
+            max_attempts=self.retry_max_attempts,
+        )
+        notification = WorkQueue(
             name=NOTIFICATION_USER_EVENTS.name,
             binding_keys=NOTIFICATION_USER_EVENTS.binding_keys,
-            retry=RetryPolicy(
-                delays=tuple(timedelta(seconds=d) for d in self.retry_delays_seconds),
-                max_attempts=self.retry_max_attempts,
-            ),
+            retry=retry,
             delivery_limit=self.delivery_limit,
             max_length=self.work_queue_max_length,
         )
-        return Topology(work_queues=(work,))
+        archiver = WorkQueue(
+            name=ARCHIVER_USER_EVENTS.name,
+            binding_keys=ARCHIVER_USER_EVENTS.binding_keys,
+            retry=retry,
+            delivery_limit=self.delivery_limit,
+        )
+        return Topology(work_queues=(notification, archiver))
 
     @property
     def amqp_vhost(self) -> str:

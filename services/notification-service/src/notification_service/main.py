@@ -32,7 +32,9 @@ from courier_common.messaging import (
     declare_topology,
 )
 from courier_common.messaging.backlog import BacklogMonitor, ManagementClient
+from courier_common.messaging.topology import NOTIFICATION_USER_EVENTS
 from courier_common.metrics import MessagingMetrics
+from courier_common.redis import connect as redis_connect
 from notification_service.config import Settings
 from notification_service.handlers import NotificationMetrics, Notifier
 from notification_service.rendering import Renderer
@@ -71,11 +73,11 @@ def create_app(settings: Settings) -> FastAPI:
     notification_metrics = NotificationMetrics(registry)
     http_metrics = HttpMetrics(registry)
     topology = settings.topology()
-    work_queue = topology.work_queues[0]
+    work_queue = topology.work_queue(NOTIFICATION_USER_EVENTS.name)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = Redis.from_url(settings.redis_url, health_check_interval=30)
+        redis = redis_connect(settings.redis_url, max_connections=settings.redis_max_connections)
         http = httpx.AsyncClient(timeout=settings.provider_timeout_seconds)
         idempotency = IdempotencyStore(
             redis,

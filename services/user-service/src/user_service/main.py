@@ -13,7 +13,6 @@ from typing import Any
 from fastapi import FastAPI
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 
 from courier_common.events import USER_EVENTS
 from courier_common.http import (
@@ -27,6 +26,7 @@ from courier_common.http import (
 from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, Topology, TopologyMismatchError
 from courier_common.metrics import MessagingMetrics
+from courier_common.redis import connect as redis_connect
 from user_service.api import users
 from user_service.config import Settings
 from user_service.outbox import OutboxMetrics, OutboxRelay
@@ -60,11 +60,10 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = Redis.from_url(
+        redis = redis_connect(
             settings.redis_url,
-            health_check_interval=30,
+            max_connections=settings.redis_max_connections,
             socket_timeout=settings.outbox_block_ms / 1000 + 10,
-            socket_connect_timeout=5,
         )
         store = UserStore(redis, prefix=settings.redis_prefix)
         connection = AmqpConnection(

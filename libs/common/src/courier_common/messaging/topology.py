@@ -82,6 +82,11 @@ NOTIFICATION_USER_EVENTS = WorkQueue(
     name="notification.user-events",
     binding_keys=("user.*",),
 )
+#: The dlq-archiver's erasure queue: it redacts a deleted user's dead letters.
+ARCHIVER_USER_EVENTS = WorkQueue(
+    name="dlq-archiver.user-events",
+    binding_keys=("user.deleted",),
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""Courier dlq-archiver: every dead letter kept with its diagnosis, for inspection and replay."""

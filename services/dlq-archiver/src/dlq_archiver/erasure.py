@@ -1,0 +1,59 @@
+"""Erasure: when a user is deleted, their dead letters keep no personal data.
+
+The record stays (operators still see that something failed, and why), but the event's
+personal fields are replaced and the record can no longer be replayed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from courier_common.events import UserDeleted
+from courier_common.logging import get_logger, scrub_text
+from courier_common.messaging import Event, Router
+from dlq_archiver.records import mask
+from dlq_archiver.store import Archive
+
+log = get_logger(__name__)
+
+ERASED = "[erased]"
+PERSONAL_FIELDS = ("email", "display_name", "phone", "push_token")
+
+
+def _redact_body(body: bytes) -> bytes:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return scrub_text(body.decode("utf-8", errors="replace")).encode()
+    data = document.get("data") if isinstance(document, dict) else None
+    if isinstance(data, dict):
+        for name in PERSONAL_FIELDS:
+            if data.get(name) is not None:
+                data[name] = ERASED
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+class Eraser:
+    def __init__(self, archive: Archive) -> None:
+        self.archive = archive
+
+    def router(self) -> Router:
+        router = Router()
+        router.add(UserDeleted, self.on_user_deleted)
+        return router
+
+    async def on_user_deleted(self, event: Event[UserDeleted]) -> None:
+        user_id = str(event.data.user_id)
+        ids = await self.archive.user_record_ids(user_id)
+        for record in await self.archive.get_many(ids):
+            if record.erased:
+                continue
+            record.body_b64 = base64.b64encode(_redact_body(record.body)).decode()
+            record.reason = scrub_text(record.reason)
+            record.headers = mask(record.headers)
+            record.erased = True
+            await self.archive.save(record)
+        if ids:
+            await self.archive.audit("erase", what={"user_id": user_id}, count=len(ids))
+        log.info("user_dead_letters_erased", user_id=user_id, count=len(ids))

@@ -1,0 +1,226 @@
+"""Replay: put a dead letter back on its original route, one at a time or in a safe bulk job.
+
+A replayed message keeps its body and ``message_id`` (so consumers' idempotency recognises
+what was already done: replaying twice sends once), loses its diagnosis and attempt headers
+(a fresh retry budget), and carries ``x-courier-replay-of`` and ``x-courier-replay-id`` so a
+replay that fails again comes back linked to its record.
+
+A bulk job is paced (``rate_per_second``), starts with a canary (replay the first N, watch them
+for ``canary_wait_seconds``, go on only if they did not die again) and halts when the share
+of replays that died again passes ``max_failure_rate``. What a halted job did not replay stays
+in the archive, untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from courier_common.logging import get_logger
+from courier_common.messaging import OutgoingMessage, Publisher, PublishError, new_event_id
+from dlq_archiver.archiving import ArchiverMetrics
+from dlq_archiver.records import (
+    ATTEMPT,
+    REPLAY_ID,
+    REPLAY_OF,
+    DeadLetterRecord,
+)
+from dlq_archiver.store import Archive, Filter
+
+log = get_logger(__name__)
+
+#: Headers a replay does not carry over: the diagnosis of the failure it is replayed from,
+#: the attempt count (a replay gets a fresh budget) and the broker's death history.
+_DROPPED_HEADERS = frozenset(
+    {
+        "x-courier-failure-reason",
+        "x-courier-failure-kind",
+        "x-courier-exception",
+        "x-courier-original-exchange",
+        "x-courier-original-routing-key",
+        "x-courier-original-queue",
+        "x-courier-first-failed-at",
+        ATTEMPT,
+        REPLAY_OF,
+        REPLAY_ID,
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+        "x-delivery-count",
+    }
+)
+
+
+class ReplayRefused(Exception):
+    """This record cannot be replayed (erased, or its original route is unknown)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BulkReplayRequest:
+    filter: Filter
+    rate_per_second: float
+    canary: int
+    canary_wait_seconds: float
+    max_failure_rate: float
+    min_sample: int = 10
+    limit: int = 10_000
+
+
+class Replayer:
+    """Publishes replays and runs bulk replay jobs in this process."""
+
+    def __init__(self, *, archive: Archive, publisher: Publisher, metrics: ArchiverMetrics) -> None:
+        self.archive = archive
+        self.publisher = publisher
+        self.metrics = metrics
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+
+    async def replay(self, record: DeadLetterRecord, *, job_id: str | None = None) -> str:
+        """Republish one record to its original exchange and routing key; the replay id."""
+        if record.erased:
+            self.metrics.replays.labels("refused").inc()
+            raise ReplayRefused("the record was erased with its user and cannot be replayed")
+        if record.original_exchange is None or record.original_routing_key is None:
+            self.metrics.replays.labels("refused").inc()
+            raise ReplayRefused("the record's original exchange or routing key is unknown")
+        replay_id = f"{job_id}.{new_event_id()}" if job_id else f"single.{new_event_id()}"
+        headers: dict[str, Any] = {
+            k: v
+            for k, v in record.headers.items()
+            if k not in _DROPPED_HEADERS and not isinstance(v, dict)
+        }
+        headers[REPLAY_OF] = record.id
+        headers[REPLAY_ID] = replay_id
+        await self.publisher.publish(
+            OutgoingMessage(
+                exchange=record.original_exchange,
+                routing_key=record.original_routing_key,
+                body=record.body,
+                message_id=record.message_id,
+                type=record.properties.get("type") or record.event_type,
+                content_type=record.content_type,
+                headers=headers,
+            )
+        )
+        await self.archive.mark_replayed(record.id, replay_id, job_id)
+        self.metrics.replays.labels("published").inc()
+        log.info("dead_letter_replayed", record_id=record.id, replay_id=replay_id, job_id=job_id)
+        return replay_id
+
+    async def start_job(self, request: BulkReplayRequest) -> str:
+        ids = await self.archive.ids_matching(request.filter, max_count=request.limit)
+        job_id = await self.archive.create_job(
+            {
+                "status": "running",
+                "filter": request.filter.as_dict(),
+                "total": len(ids),
+                "replayed": 0,
+                "refused": 0,
+                "canary": min(request.canary, len(ids)),
+                "rate_per_second": request.rate_per_second,
+                "max_failure_rate": request.max_failure_rate,
+                "created_at": datetime.now(UTC).isoformat(),
+                "reason": None,
+            },
+            ids,
+        )
+        await self.archive.audit(
+            "bulk_replay_started",
+            what={"job_id": job_id, **request.filter.as_dict()},
+            count=len(ids),
+        )
+        log.info("bulk_replay_started", job_id=job_id, total=len(ids))
+        task = asyncio.create_task(self._run(job_id, ids, request), name=f"replay-{job_id}")
+        self._jobs[job_id] = task
+        task.add_done_callback(lambda _: self._jobs.pop(job_id, None))
+        return job_id
+
+    async def _run(self, job_id: str, ids: list[str], request: BulkReplayRequest) -> None:
+        replayed = refused = 0
+        interval = 1.0 / request.rate_per_second
+        next_at = time.monotonic()
+        canary = min(request.canary, len(ids))
+
+        async def halt(reason: str) -> None:
+            await self.archive.update_job(
+                job_id,
+                status="halted",
+                reason=reason,
+                replayed=replayed,
+                refused=refused,
+                finished_at=datetime.now(UTC).isoformat(),
+            )
+            await self.archive.audit(
+                "bulk_replay_halted", what={"job_id": job_id, "reason": reason}, count=replayed
+            )
+            log.warning("bulk_replay_halted", job_id=job_id, reason=reason, replayed=replayed)
+
+        try:
+            for index, record_id in enumerate(ids):
+                if index == canary and canary:
+                    failed = await self._watch_canary(job_id, canary, request)
+                    if failed > request.max_failure_rate * canary:
+                        await halt(f"{failed} of {canary} canary replays failed again")
+                        return
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                next_at = max(next_at + interval, time.monotonic())
+                record = await self.archive.get(record_id)
+                if record is None:  # purged meanwhile
+                    continue
+                try:
+                    await self.replay(record, job_id=job_id)
+                    replayed += 1
+                except ReplayRefused:
+                    refused += 1
+                if replayed % 20 == 0:
+                    await self.archive.update_job(job_id, replayed=replayed, refused=refused)
+                if index >= canary and replayed >= request.min_sample:
+                    failed = await self.archive.job_failed_again(job_id)
+                    if failed > request.max_failure_rate * replayed:
+                        await halt(f"{failed} of {replayed} replays failed again")
+                        return
+            await self.archive.update_job(
+                job_id,
+                status="completed",
+                replayed=replayed,
+                refused=refused,
+                finished_at=datetime.now(UTC).isoformat(),
+            )
+            await self.archive.audit(
+                "bulk_replay_completed", what={"job_id": job_id}, count=replayed
+            )
+            log.info("bulk_replay_completed", job_id=job_id, replayed=replayed, refused=refused)
+        except PublishError as exc:
+            await halt(f"publishing failed: {exc}")
+        except asyncio.CancelledError:
+            await self.archive.update_job(
+                job_id, status="interrupted", replayed=replayed, refused=refused
+            )
+            raise
+
+    async def _watch_canary(self, job_id: str, canary: int, request: BulkReplayRequest) -> int:
+        """Wait for the canary's verdict; return early once it has clearly failed."""
+        await self.archive.update_job(job_id, replayed=canary, phase="canary")
+        deadline = time.monotonic() + request.canary_wait_seconds
+        failed = await self.archive.job_failed_again(job_id)
+        while time.monotonic() < deadline and failed <= request.max_failure_rate * canary:
+            await asyncio.sleep(0.2)
+            failed = await self.archive.job_failed_again(job_id)
+        await self.archive.update_job(job_id, phase="bulk")
+        return failed
+
+    async def stop(self) -> None:
+        for task in list(self._jobs.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,114 @@
+"""Bulk replay halts on its canary while the fault persists; the CLI against a live archiver."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from courier_sinks.smtp import SmtpSink
+from tests.support.archiver import ADMIN, ADMIN_TOKEN, records, wait_records
+from tests.support.helpers import eventually
+from tests.support.processes import ServiceRunner
+from tests.support.stack import Stack
+
+
+async def test_bulk_replay_halts_after_a_failing_canary(
+    stack: Stack, archiver: httpx.AsyncClient, smtp_sink: SmtpSink
+) -> None:
+    smtp_sink.fail_next(100_000, 550, "5.7.1 relay denied")  # the fault persists
+    await asyncio.gather(*(stack.register(f"u{i}@example.com") for i in range(200)))
+    dead = await wait_records(archiver, 200, timeout=60)
+    fingerprint = dead[0]["fingerprint"]
+
+    job = await archiver.post(
+        "/v1/dead-letters/replay",
+        json={"fingerprint": fingerprint, "canary": 10, "canary_wait_seconds": 10},
+        headers=ADMIN,
+    )
+    assert job.status_code == 202, job.text
+    job_id = job.json()["id"]
+    assert job.json()["total"] == 200
+
+    async def finished() -> bool:
+        state = (await archiver.get(f"/v1/replays/{job_id}")).json()
+        return bool(state["status"] != "running")
+
+    await eventually(finished, timeout=30, what="the job to stop")
+    state = (await archiver.get(f"/v1/replays/{job_id}")).json()
+    assert state["status"] == "halted"
+    assert state["replayed"] == 10
+    assert state["failed_again"] == 10
+    assert "canary" in state["reason"]
+    dead_now = await records(archiver, fingerprint=fingerprint, status="dead")
+    untouched = [r for r in dead_now if r["replay_of"] is None]
+    assert len(untouched) == 190  # never replayed, still listed
+    died_again = [r for r in dead_now if r["replay_of"] is not None]
+    assert len(died_again) == 10  # the canary's replays, each linked to its record
+    replay_failed = await records(archiver, status="replay-failed")
+    assert {r["id"] for r in replay_failed} == {r["replay_of"] for r in died_again}
+    assert smtp_sink.messages == []
+    trail = (await archiver.get("/v1/audit", headers=ADMIN)).json()
+    assert [e["action"] for e in trail][:2] == ["bulk_replay_halted", "bulk_replay_started"]
+
+
+def cli(url: str, *args: str, token: str | None = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).parent / "courier-dlq"
+    env = {"COURIER_DLQ_URL": url, "PATH": "/usr/bin:/bin"}
+    if token:
+        env["COURIER_ADMIN_TOKEN"] = token
+    return subprocess.run(
+        [str(script), *args], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+
+
+async def test_cli_lists_shows_and_replays(
+    stack: Stack,
+    smtp_sink: SmtpSink,
+    services: ServiceRunner,
+    amqp_url: str,
+    redis_url: str,
+    redis_prefix: str,
+) -> None:
+    archiver = services.start(
+        "dlq-archiver",
+        {
+            "COURIER_AMQP_URL": amqp_url,
+            "COURIER_REDIS_URL": redis_url,
+            "COURIER_REDIS_PREFIX": redis_prefix,
+            "COURIER_ADMIN_TOKEN": ADMIN_TOKEN,
+            "COURIER_RETRY_DELAYS_SECONDS": "[0.3, 0.6, 1.2]",
+            "COURIER_RETRY_MAX_ATTEMPTS": "4",
+        },
+    )
+    smtp_sink.fail_next(1, 550, "5.1.1 <ada@example.com> unknown")
+    await stack.register("ada@example.com")
+
+    async def archived() -> bool:
+        listing = await asyncio.to_thread(cli, archiver.url, "list")
+        return "notification.user-events" in listing.stdout
+
+    await eventually(archived, timeout=30, what="the CLI to list the dead letter")
+    listing = await asyncio.to_thread(cli, archiver.url, "list")
+    assert listing.returncode == 0, listing.stderr
+    assert "ada@example.com" not in listing.stdout
+    record_id = listing.stdout.split()[0]
+
+    shown = await asyncio.to_thread(cli, archiver.url, "show", record_id)
+    assert shown.returncode == 0
+    assert '"reason_class": "permanent"' in shown.stdout
+    groups = await asyncio.to_thread(cli, archiver.url, "groups")
+    assert "user.registered" in groups.stdout
+
+    refused = await asyncio.to_thread(cli, archiver.url, "replay", record_id, token="wrong-token")
+    assert refused.returncode == 1
+    assert "403" in refused.stderr
+    replayed = await asyncio.to_thread(cli, archiver.url, "replay", record_id)
+    assert replayed.returncode == 0, replayed.stderr
+    assert f"replayed {record_id}" in replayed.stdout
+    await eventually(lambda: len(smtp_sink.messages) == 1, what="the replayed welcome")
+    purged = await asyncio.to_thread(cli, archiver.url, "purge", "--all", "--yes")
+    assert purged.stdout.strip() == "purged 1"
