@@ -18,19 +18,18 @@ from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel, Field
 
 from courier_common.logging import scrub_text
+from courier_common.messaging import headers
 
-# Diagnosis headers written by courier_common's runner.
-REASON = "x-courier-failure-reason"
-KIND = "x-courier-failure-kind"
-EXCEPTION = "x-courier-exception"
-ORIGINAL_EXCHANGE = "x-courier-original-exchange"
-ORIGINAL_ROUTING_KEY = "x-courier-original-routing-key"
-ORIGINAL_QUEUE = "x-courier-original-queue"
-FIRST_FAILED_AT = "x-courier-first-failed-at"
-ATTEMPT = "x-courier-attempt"
-# Replay headers written by this service.
-REPLAY_OF = "x-courier-replay-of"
-REPLAY_ID = "x-courier-replay-id"
+REASON = headers.FAILURE_REASON
+KIND = headers.FAILURE_KIND
+EXCEPTION = headers.EXCEPTION
+ORIGINAL_EXCHANGE = headers.ORIGINAL_EXCHANGE
+ORIGINAL_ROUTING_KEY = headers.ORIGINAL_ROUTING_KEY
+ORIGINAL_QUEUE = headers.ORIGINAL_QUEUE
+FIRST_FAILED_AT = headers.FIRST_FAILED_AT
+ATTEMPT = headers.ATTEMPT
+REPLAY_OF = headers.REPLAY_OF
+REPLAY_ID = headers.REPLAY_ID
 
 _NORMALIZERS = (
     (

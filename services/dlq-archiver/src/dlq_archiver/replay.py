@@ -21,41 +21,25 @@ from datetime import UTC, datetime
 from typing import Any
 
 from courier_common.logging import get_logger
-from courier_common.messaging import OutgoingMessage, Publisher, PublishError, new_event_id
-from dlq_archiver.archiving import ArchiverMetrics
-from dlq_archiver.records import (
-    ATTEMPT,
-    REPLAY_ID,
-    REPLAY_OF,
-    DeadLetterRecord,
+from courier_common.messaging import (
+    OutgoingMessage,
+    Publisher,
+    PublishError,
+    headers,
+    new_event_id,
 )
+from dlq_archiver.archiving import ArchiverMetrics
+from dlq_archiver.records import DeadLetterRecord
 from dlq_archiver.store import Archive, Filter
 
 log = get_logger(__name__)
 
 #: Headers a replay does not carry over: the diagnosis of the failure it is replayed from,
 #: the attempt count (a replay gets a fresh budget) and the broker's death history.
-_DROPPED_HEADERS = frozenset(
-    {
-        "x-courier-failure-reason",
-        "x-courier-failure-kind",
-        "x-courier-exception",
-        "x-courier-original-exchange",
-        "x-courier-original-routing-key",
-        "x-courier-original-queue",
-        "x-courier-first-failed-at",
-        ATTEMPT,
-        REPLAY_OF,
-        REPLAY_ID,
-        "x-death",
-        "x-first-death-exchange",
-        "x-first-death-queue",
-        "x-first-death-reason",
-        "x-last-death-exchange",
-        "x-last-death-queue",
-        "x-last-death-reason",
-        "x-delivery-count",
-    }
+_DROPPED_HEADERS = (
+    headers.DIAGNOSIS
+    | headers.BROKER_DEATH
+    | {headers.ATTEMPT, headers.REPLAY_OF, headers.REPLAY_ID}
 )
 
 
@@ -92,13 +76,13 @@ class Replayer:
             self.metrics.replays.labels("refused").inc()
             raise ReplayRefused("the record's original exchange or routing key is unknown")
         replay_id = f"{job_id}.{new_event_id()}" if job_id else f"single.{new_event_id()}"
-        headers: dict[str, Any] = {
+        replay_headers: dict[str, Any] = {
             k: v
             for k, v in record.headers.items()
             if k not in _DROPPED_HEADERS and not isinstance(v, dict)
         }
-        headers[REPLAY_OF] = record.id
-        headers[REPLAY_ID] = replay_id
+        replay_headers[headers.REPLAY_OF] = record.id
+        replay_headers[headers.REPLAY_ID] = replay_id
         await self.publisher.publish(
             OutgoingMessage(
                 exchange=record.original_exchange,
@@ -107,7 +91,7 @@ class Replayer:
                 message_id=record.message_id,
                 type=record.properties.get("type") or record.event_type,
                 content_type=record.content_type,
-                headers=headers,
+                headers=replay_headers,
             )
         )
         await self.archive.mark_replayed(record.id, replay_id, job_id)

@@ -30,6 +30,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from opentelemetry.trace import Span, Tracer
 
 from courier_common.logging import get_logger
+from courier_common.messaging import headers as names
 from courier_common.messaging.connection import AmqpConnection
 from courier_common.messaging.envelope import EnvelopeError, Event, EventCatalog, EventData
 from courier_common.messaging.idempotency import IdempotencyStore, track_skips
@@ -49,25 +50,13 @@ log = get_logger(__name__)
 D = TypeVar("D", bound=EventData)
 Handler = Callable[[Event[Any]], Awaitable[None]]
 
-# Diagnosis headers (ARCHITECTURE.md, "The message").
-FAILURE_REASON = "x-courier-failure-reason"
-FAILURE_KIND = "x-courier-failure-kind"
-EXCEPTION = "x-courier-exception"
-ORIGINAL_EXCHANGE = "x-courier-original-exchange"
-ORIGINAL_ROUTING_KEY = "x-courier-original-routing-key"
-ORIGINAL_QUEUE = "x-courier-original-queue"
-FIRST_FAILED_AT = "x-courier-first-failed-at"
-#: Headers the broker adds when it dead-letters; a retry hop starts without them.
-_BROKER_DEATH_HEADERS = (
-    "x-death",
-    "x-first-death-exchange",
-    "x-first-death-queue",
-    "x-first-death-reason",
-    "x-last-death-exchange",
-    "x-last-death-queue",
-    "x-last-death-reason",
-    "x-delivery-count",
-)
+FAILURE_REASON = names.FAILURE_REASON
+FAILURE_KIND = names.FAILURE_KIND
+EXCEPTION = names.EXCEPTION
+ORIGINAL_EXCHANGE = names.ORIGINAL_EXCHANGE
+ORIGINAL_ROUTING_KEY = names.ORIGINAL_ROUTING_KEY
+ORIGINAL_QUEUE = names.ORIGINAL_QUEUE
+FIRST_FAILED_AT = names.FIRST_FAILED_AT
 MAX_REASON_CHARS = 2000
 
 
@@ -364,7 +353,7 @@ class ConsumerRunner:
             return await self._dead_letter(
                 message, headers, attempt, FailureKind.RETRIES_EXHAUSTED, exhausted, exc, event_type
             )
-        retry_headers = {k: v for k, v in headers.items() if k not in _BROKER_DEATH_HEADERS}
+        retry_headers = {k: v for k, v in headers.items() if k not in names.BROKER_DEATH}
         retry_headers[ATTEMPT_HEADER] = attempt + 1
         retry_headers.setdefault(ORIGINAL_EXCHANGE, message.exchange or "")
         retry_headers.setdefault(ORIGINAL_ROUTING_KEY, message.routing_key or "")
