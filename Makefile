@@ -8,7 +8,7 @@ UV ?= uv
 PYTEST_ARGS ?=
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: help setup run test test-fast lint fmt clean
+.PHONY: help setup run test test-fast lint fmt manifests clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,6 +35,9 @@ lint: ## ruff (lint + format check) and mypy (strict for libs/common)
 fmt: ## Format and auto-fix what ruff can
 	@$(UV) run --locked ruff check --fix .
 	@$(UV) run --locked ruff format .
+
+manifests: ## Render charts/courier into k8s/base (committed; never edit by hand)
+	@$(UV) run --locked python scripts/render_manifests.py
 
 clean: ## Remove caches and local run state
 	rm -rf .pytest_cache .mypy_cache .ruff_cache var
