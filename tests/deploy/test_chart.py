@@ -312,6 +312,14 @@ def test_none_mode_renders_fixed_replicas() -> None:
 def test_networkpolicy_denies_by_default_and_allows_only_declared_flows() -> None:
     objects = render_objects("default")
     policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(objects, "NetworkPolicy")}
+    # The helm test pod's own policy: it may only resolve names and call user-service.
+    test_policy = policies.pop("courier-test-readyz")
+    assert "ingress" not in test_policy
+    assert test_policy["policyTypes"] == ["Ingress", "Egress"]
+    (to_user_service,) = [
+        rule for rule in test_policy["egress"] if "to" in rule and rule["ports"][0]["port"] != 53
+    ]
+    assert to_user_service["ports"] == [{"protocol": "TCP", "port": 8000}]
     deny = policies.pop("courier-default-deny")
     assert deny["policyTypes"] == ["Ingress", "Egress"]
     assert "ingress" not in deny
@@ -354,8 +362,16 @@ def test_observability_objects() -> None:
 
 
 def test_helm_test_calls_user_service_readyz() -> None:
-    (pod,) = of_kind(render_objects("default"), "Pod")
+    objects = render_objects("default")
+    (pod,) = of_kind(objects, "Pod")
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (policy,) = [
+        p
+        for p in of_kind(objects, "NetworkPolicy")
+        if "helm.sh/hook" in p["metadata"].get("annotations", {})
+    ]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert int(policy["metadata"]["annotations"]["helm.sh/hook-weight"]) < 0  # before the pod
     assert "http://courier-user-service:8000/readyz" in pod["spec"]["containers"][0]["command"]
 
 

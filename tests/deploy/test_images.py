@@ -228,7 +228,7 @@ def test_dockerignore_keeps_the_build_context_small_and_clean() -> None:
         "services/user-service/tests/test_api.py",
         "libs/common/tests/conftest.py",
         "libs/common/src/courier_common/__pycache__/settings.cpython-311.pyc",
-        "tools/sinks/src/courier_sinks/__init__.py",
+        "tools/sinks/tests/test_cli.py",
         ".env",
         "services/user-service/.env",
         "README.md",
@@ -237,6 +237,7 @@ def test_dockerignore_keeps_the_build_context_small_and_clean() -> None:
     for path in [
         "pyproject.toml",
         "uv.lock",
+        "tools/sinks/src/courier_sinks/__init__.py",  # the dev-only sinks image
         "libs/common/pyproject.toml",
         "libs/common/src/courier_common/settings.py",
         "services/notification-service/src/notification_service/templates/en/welcome.txt.j2",

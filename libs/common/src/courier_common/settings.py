@@ -37,6 +37,8 @@ class CourierSettings(BaseSettings):
         extra="ignore",
         frozen=True,
         validate_default=True,
+        # A refused setting must not print its value: it may be a token or a URL password.
+        hide_input_in_errors=True,
     )
 
     environment: Environment = Field(
