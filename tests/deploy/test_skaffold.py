@@ -85,13 +85,24 @@ def template_name(image: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "_", image)
 
 
-def artifact_images() -> dict[str, str]:
-    """Service → the image skaffold builds for it."""
+def artifact_images(variant: str | None = None) -> dict[str, str]:
+    """Service → the image skaffold builds for it (services only, not the dev sinks)."""
     images = {}
-    for artifact in load_config()["build"]["artifacts"]:
+    for artifact in effective(variant)["build"]["artifacts"]:
         dockerfile = Path(artifact["docker"]["dockerfile"])
-        images[dockerfile.parent.name] = artifact["image"]
+        if dockerfile.parts[0] == "services":
+            images[dockerfile.parent.name] = artifact["image"]
     return images
+
+
+#: Dev-only images: the chart value each is set through (a fully qualified reference).
+DEV_IMAGES = {"courier/sinks": "devDependencies.sinksImage"}
+#: The Deployments that run the sinks image in the dev profile.
+SINK_DEPLOYMENTS = {f"{RELEASE}-smtp-sink", f"{RELEASE}-http-sink"}
+
+
+def built_images(variant: str | None) -> list[str]:
+    return [a["image"] for a in effective(variant)["build"]["artifacts"]]
 
 
 def exposed_port(service: str) -> int:
@@ -120,6 +131,7 @@ def helm_values(release: dict[str, Any], fake: dict[str, tuple[str, str]]) -> di
     for image, (repo, tag) in fake.items():
         variables[f"IMAGE_REPO_{template_name(image)}"] = repo
         variables[f"IMAGE_TAG_{template_name(image)}"] = tag
+        variables[f"IMAGE_FULLY_QUALIFIED_{template_name(image)}"] = f"{repo}:{tag}"
     entries = dict(release.get("setValues", {}))
     for key, template in release.get("setValueTemplates", {}).items():
         entries[key] = re.sub(r"\{\{\s*\.(\w+)\s*\}\}", lambda m: variables[m.group(1)], template)
@@ -197,6 +209,18 @@ def test_builds_one_image_per_service_from_the_repository_root() -> None:
         assert artifact["image"] == f"courier/{dockerfile.parent.name}"
 
 
+def test_dev_profile_also_builds_the_sinks_image() -> None:
+    default = load_config()["build"]
+    dev = effective("dev")["build"]
+    assert dev["local"] == default["local"]
+    assert dev["artifacts"][: len(default["artifacts"])] == default["artifacts"]
+    assert built_images("dev") == [*built_images(None), "courier/sinks"]
+    for artifact in dev["artifacts"]:
+        assert (REPO_ROOT / artifact["context"] / artifact["docker"]["dockerfile"]).is_file()
+    for variant in ("kustomize", "keda"):
+        assert "courier/sinks" not in built_images(variant)
+
+
 def test_profiles_replace_whole_sections_never_array_elements() -> None:
     for p in load_config()["profiles"]:
         for patch in p.get("patches", []):
@@ -238,7 +262,11 @@ def test_helm_release_paths_exist(variant: str | None) -> None:
 @pytest.mark.parametrize("variant", HELM_VARIANTS, ids=lambda v: v or "default")
 def test_helm_release_sets_every_built_image(variant: str | None) -> None:
     templates = release_of(variant)["setValueTemplates"]
-    expected = {}
+    expected = {
+        key: f"{{{{.IMAGE_FULLY_QUALIFIED_{template_name(image)}}}}}"
+        for image, key in DEV_IMAGES.items()
+        if image in built_images(variant)
+    }
     for service, image in artifact_images().items():
         key = f"services.{CHART_KEYS[service]}.image"
         expected[f"{key}.repository"] = f"{{{{.IMAGE_REPO_{template_name(image)}}}}}"
@@ -250,7 +278,7 @@ def test_helm_release_sets_every_built_image(variant: str | None) -> None:
 def test_chart_runs_the_images_skaffold_built(variant: str | None) -> None:
     fake = {
         image: (f"registry.test/{image}", f"sha-{n}")
-        for n, image in enumerate(artifact_images().values())
+        for n, image in enumerate(built_images(variant))
     }
     objects = render_release(release_of(variant), fake)
     running = container_images(objects)
@@ -269,6 +297,9 @@ def test_chart_runs_the_images_skaffold_built(variant: str | None) -> None:
     }
     if variant == "dev":
         assert dev_dependencies, "-p dev brings RabbitMQ and Redis"
+        repo, tag = fake["courier/sinks"]
+        for name in SINK_DEPLOYMENTS:
+            assert running[name] == f"{repo}:{tag}", f"{name} runs the sinks image skaffold built"
     else:
         assert not dev_dependencies, f"only -p dev deploys dependencies: {dev_dependencies}"
 
@@ -280,8 +311,12 @@ def test_profiles_differ_from_the_default_only_where_they_say() -> None:
     assert dev["setValues"] == {**default["setValues"], "devDependencies.enabled": "true"}
     assert keda["valuesFiles"] == [*default["valuesFiles"], "charts/courier/values-keda.yaml"]
     assert keda["setValues"] == default["setValues"]
+    assert dev["setValueTemplates"] == {
+        **default["setValueTemplates"],
+        "devDependencies.sinksImage": "{{.IMAGE_FULLY_QUALIFIED_courier_sinks}}",
+    }
+    assert keda["setValueTemplates"] == default["setValueTemplates"]
     for release in (dev, keda):
-        assert release["setValueTemplates"] == default["setValueTemplates"]
         assert release["chartPath"] == default["chartPath"]
 
 
