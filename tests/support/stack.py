@@ -81,7 +81,7 @@ async def stack(
     user_app = user_service.main.create_app(user_settings)
     async with (
         LifespanManager(notifier_app, startup_timeout=30, shutdown_timeout=30) as notifier,
-        LifespanManager(user_app, startup_timeout=30) as users,
+        LifespanManager(user_app, startup_timeout=30, shutdown_timeout=30) as users,
         httpx.AsyncClient(
             transport=httpx.ASGITransport(app=users.app), base_url="http://users"
         ) as user_client,

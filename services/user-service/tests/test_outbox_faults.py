@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
+import aiormq
 import httpx
 import pytest
 import redis.asyncio
@@ -31,8 +32,11 @@ class DurableTap:
 
     async def collect(self, count: int, *, timeout: float = 60) -> list[dict[str, Any]]:
         async def enough() -> bool:
-            while (message := await self.queue.get(no_ack=True, fail=False)) is not None:
-                self.messages.append(message)
+            try:
+                while (message := await self.queue.get(no_ack=True, fail=False)) is not None:
+                    self.messages.append(message)
+            except aiormq.exceptions.AMQPError:
+                return False  # the tap's own channel is still reconnecting after the restart
             return len(self.messages) >= count
 
         await eventually(enough, timeout=timeout, interval=0.2, what=f"{count} events")
