@@ -388,7 +388,7 @@ class Archive:
         out = []
         async for key in self.redis.scan_iter(match=f"{self.p}job:*", count=500):
             name = key.decode() if isinstance(key, bytes) else key
-            if name.count(":") and not name.endswith((":ids", ":failed")):
+            if not name.endswith((":ids", ":failed")):  # the job hash, not its lists
                 job_id = name.rsplit("job:", 1)[1]
                 job = await self.get_job(job_id)
                 if job and job.get("status") == "running":
