@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from courier_common.events import USER_EVENTS
 from courier_common.http import (
@@ -31,7 +31,7 @@ from courier_common.messaging import (
     declare_topology,
 )
 from courier_common.messaging.topology import ARCHIVER_USER_EVENTS
-from courier_common.metrics import MessagingMetrics
+from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.redis import connect as redis_connect
 from dlq_archiver.api import dead_letters
 from dlq_archiver.archiving import ArchiveConsumer, ArchiverMetrics
@@ -134,7 +134,7 @@ class Workers:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    registry = CollectorRegistry()
+    registry = service_registry()
     http_metrics = HttpMetrics(registry)
     archiver_metrics = ArchiverMetrics(registry)
     messaging_metrics = MessagingMetrics(registry, event_types=[e.event_type for e in USER_EVENTS])
@@ -187,6 +187,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(dead_letters.router)
     app.include_router(health_router(readiness=readiness, registry=registry))
+    FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics")
 
     app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=64 * 1024)

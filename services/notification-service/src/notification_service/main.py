@@ -18,7 +18,6 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from courier_common.events import USER_EVENTS
@@ -33,7 +32,7 @@ from courier_common.messaging import (
 )
 from courier_common.messaging.backlog import BacklogMonitor, ManagementClient
 from courier_common.messaging.topology import NOTIFICATION_USER_EVENTS
-from courier_common.metrics import MessagingMetrics
+from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.redis import connect as redis_connect
 from notification_service.config import Settings
 from notification_service.handlers import NotificationMetrics, Notifier
@@ -68,7 +67,7 @@ class Worker:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    registry = CollectorRegistry()
+    registry = service_registry()
     messaging_metrics = MessagingMetrics(registry, event_types=[e.event_type for e in USER_EVENTS])
     notification_metrics = NotificationMetrics(registry)
     http_metrics = HttpMetrics(registry)

@@ -12,7 +12,6 @@ from typing import Any
 
 from fastapi import FastAPI
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
-from prometheus_client import CollectorRegistry
 
 from courier_common.events import USER_EVENTS
 from courier_common.http import (
@@ -25,7 +24,7 @@ from courier_common.http import (
 )
 from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, Topology, TopologyMismatchError
-from courier_common.metrics import MessagingMetrics
+from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.redis import connect as redis_connect
 from user_service.api import users
 from user_service.config import Settings
@@ -53,7 +52,7 @@ async def _supervise(relay: OutboxRelay) -> None:
 
 def create_app(settings: Settings, *, topology: Topology | None = None) -> FastAPI:
     """The ASGI app; connections open in its lifespan, so building it does no I/O."""
-    registry = CollectorRegistry()
+    registry = service_registry()
     http_metrics = HttpMetrics(registry)
     messaging_metrics = MessagingMetrics(registry, event_types=[e.event_type for e in USER_EVENTS])
     outbox_metrics = OutboxMetrics(registry)

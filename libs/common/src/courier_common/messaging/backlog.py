@@ -83,6 +83,7 @@ class BacklogMonitor:
         self.vhost = vhost
         self.queues = tuple(queues)
         self.metrics = metrics
+        metrics.use_backlog()
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
         self._warned = False

@@ -174,6 +174,7 @@ class ConsumerRunner:
         self.idempotency = idempotency
         self.tracer = tracer or get_tracer("courier_common.consumer")
         metrics.add_event_types(router.catalog.types)
+        metrics.use_consumer()
         self._channel: AbstractRobustChannel | None = None
         self._publisher: Publisher | None = None
         self._amqp_queue: AbstractQueue | None = None

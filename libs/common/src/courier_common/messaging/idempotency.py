@@ -91,6 +91,10 @@ class IdempotencyStore:
     retention_seconds: int = 7 * 24 * 3600
     metrics: MessagingMetrics | None = None
 
+    def __post_init__(self) -> None:
+        if self.metrics is not None:
+            self.metrics.use_idempotency()
+
     def key(self, *parts: str) -> str:
         return self.prefix + "idem:" + ":".join(parts)
 
