@@ -9,6 +9,8 @@
 #   3. services    RabbitMQ (+ management and prometheus plugins) and Redis answering on
 #                  127.0.0.1: started if installed but stopped, installed with apt if missing.
 #                  A service that is already running is never stopped or restarted.
+#   4. tools       promtool and prometheus (Debian package prometheus, installed with apt if
+#                  missing; never started as a daemon): metric lint, rule tests, live chain.
 #
 # Options:
 #   --no-sync        skip step 2
@@ -37,6 +39,7 @@ PLUGINS=(rabbitmq_management rabbitmq_prometheus)
 
 DO_UV=1
 DO_SYNC=1
+DO_TOOLS=1
 APT_UPDATED=0
 UV=""
 TMP_DIR=""
@@ -180,12 +183,12 @@ start_managed() {
     return 1
 }
 
+# apt_install PACKAGE WHAT [HINT]: HINT says what to do on a machine without apt.
 apt_install() {
     local pkg=$1 what=$2 log
+    local hint=${3:-"install RabbitMQ (with the rabbitmq_management and rabbitmq_prometheus plugins) and Redis, start them on 127.0.0.1:$RABBITMQ_PORT and 127.0.0.1:$REDIS_PORT, then re-run"}
     if ! have apt-get; then
-        die "$what is not installed and this is not an apt (Debian/Ubuntu) system: install" \
-            "RabbitMQ (with the rabbitmq_management and rabbitmq_prometheus plugins) and Redis," \
-            "start them on 127.0.0.1:$RABBITMQ_PORT and 127.0.0.1:$REDIS_PORT, then re-run"
+        die "$what is not installed and this is not an apt (Debian/Ubuntu) system: $hint"
     fi
     require_root_or_sudo "installing $pkg with apt"
     log=$(tmpfile)
@@ -198,7 +201,8 @@ apt_install() {
         APT_UPDATED=1
     fi
     info "apt: installing $pkg"
-    if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$pkg" >"$log" 2>&1; then
+    if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        "$pkg" >"$log" 2>&1; then
         show_tail "$log"
         die "apt-get install $pkg failed"
     fi
@@ -513,6 +517,22 @@ ensure_redis() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# prometheus: promtool lints /metrics and unit-tests the alert rules; the live-chain test runs
+# its own prometheus server on a free port. Nothing here starts a Prometheus daemon.
+
+ensure_prometheus() {
+    if have promtool && have prometheus; then
+        info "prometheus: promtool and prometheus $(pkg_version prometheus) present"
+        return
+    fi
+    apt_install prometheus "prometheus (promtool)" \
+        "install Prometheus so that promtool and prometheus are on PATH, then re-run"
+    have promtool || die "prometheus: apt installed prometheus but promtool is not on PATH"
+    say "prometheus: not installed, installed prometheus $(pkg_version prometheus) with apt" \
+        "(for promtool and the live-chain test; the tests start their own server)"
+}
+
+# ---------------------------------------------------------------------------------------------
 # main
 
 main() {
@@ -522,7 +542,7 @@ main() {
     for arg in "$@"; do
         case $arg in
             --no-sync) DO_SYNC=0 ;;
-            --services-only) DO_UV=0 DO_SYNC=0 ;;
+            --services-only) DO_UV=0 DO_SYNC=0 DO_TOOLS=0 ;;
             -h | --help) usage; exit 0 ;;
             *) die "unknown option '$arg' (usage: $0 [--no-sync] [--services-only] [--help])" ;;
         esac
@@ -540,6 +560,7 @@ main() {
     if ((DO_SYNC)); then sync_workspace; fi
     ensure_rabbitmq
     ensure_redis
+    if ((DO_TOOLS)); then ensure_prometheus; fi
     info "ready ($(elapsed "$t0"))"
 }
 
