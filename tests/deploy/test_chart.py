@@ -346,7 +346,15 @@ def test_observability_objects() -> None:
     assert set(monitors) == {f"courier-{s}" for s in SERVICES}
     for service in SERVICES:
         assert monitors[f"courier-{service}"]["spec"]["endpoints"] == [
-            {"port": "http", "path": "/metrics", "interval": "30s"}
+            {
+                "port": "http",
+                "path": "/metrics",
+                "interval": "30s",
+                # dashboards and alerts select services by courier_service (docs/metrics.md)
+                "relabelings": [
+                    {"action": "replace", "targetLabel": "courier_service", "replacement": service}
+                ],
+            }
         ]
     (rule,) = of_kind(objects, "PrometheusRule")
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}

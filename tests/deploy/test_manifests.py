@@ -125,4 +125,4 @@ def test_addons_are_documented_and_parse() -> None:
     assert cluster["spec"]["replicas"] % 2 == 1  # quorum queues need a majority
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics/detailed"
-    assert endpoint["params"]["family"] == ["queue_coarse_metrics"]
+    assert endpoint["params"]["family"] == ["queue_coarse_metrics", "queue_consumer_count"]
