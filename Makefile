@@ -8,7 +8,7 @@ UV ?= uv
 PYTEST_ARGS ?=
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: help setup run test test-fast lint fmt manifests clean
+.PHONY: help setup run test test-fast lint fmt manifests dashboards clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -38,6 +38,9 @@ fmt: ## Format and auto-fix what ruff can
 
 manifests: ## Render charts/courier into k8s/base (committed; never edit by hand)
 	@$(UV) run --locked python scripts/render_manifests.py
+
+dashboards: ## Generate Grafana dashboards into charts/courier/dashboards (committed)
+	@$(UV) run --locked python scripts/dashboards.py
 
 clean: ## Remove caches and local run state
 	rm -rf .pytest_cache .mypy_cache .ruff_cache var
