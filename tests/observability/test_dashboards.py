@@ -12,9 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +23,7 @@ from typing import Any
 import pytest
 
 from tests.support.deploy import of_kind, render_objects
+from tests.support.prometheus import require_binary
 
 # Loaded this way so the module type-checks with or without types-PyYAML installed.
 yaml: Any = importlib.import_module("yaml")
@@ -408,12 +407,7 @@ def test_service_dashboards_show_duration_and_saturation(uid: str) -> None:
 
 
 def test_every_query_is_valid_promql(tmp_path: Path) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        message = "promtool is not installed (make setup installs Debian's prometheus package)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    promtool = require_binary("promtool")
     rules: list[dict[str, Any]] = []
     for uid in DASHBOARDS:
         for title, expr in exprs(load(uid)):

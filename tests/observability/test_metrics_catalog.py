@@ -8,9 +8,7 @@ every sample. ``promtool check metrics`` then lints each exposition.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ from courier_sinks.smtp import SmtpSink
 from tests.support.archiver import ADMIN
 from tests.support.chain import SERVICES, Chain, start_chain
 from tests.support.processes import ServiceRunner
+from tests.support.prometheus import require_binary
 
 CATALOG = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 SERVICE_CODES = {"U": "user-service", "N": "notification-service", "A": "dlq-archiver"}
@@ -68,16 +67,6 @@ def test_the_catalog_parses() -> None:
     assert "courier_outbox_backlog" in entries["user-service"]
     assert "courier_notifications_total" in entries["notification-service"]
     assert "courier_dead_letters_archived_total" in entries["dlq-archiver"]
-
-
-def promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        message = "promtool is not installed (make setup installs Debian's prometheus package)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
 
 
 @pytest.fixture
@@ -127,7 +116,7 @@ def drive_traffic(chain: Chain, smtp_sink: SmtpSink) -> None:
 def test_each_service_exposes_exactly_its_catalogued_families(
     chain: Chain, smtp_sink: SmtpSink
 ) -> None:
-    tool = promtool()
+    tool = require_binary("promtool")
     drive_traffic(chain, smtp_sink)
     expected = catalog()
     for service in SERVICES:
