@@ -75,14 +75,53 @@ async def test_run_once_runs_skips_and_releases_on_failure(store: IdempotencySto
     assert (tracker.ran, tracker.skipped) == (1, 1)
 
 
-async def test_run_once_while_another_holds_the_claim_asks_for_a_retry(
+async def test_run_once_waits_out_a_dead_workers_lease_then_runs_once(
     store: IdempotencyStore,
 ) -> None:
     key = store.key("c", "evt-6")
+    await store.claim(key)  # a worker took it and died: its lease (0.5 s) must run out
+    ran: list[int] = []
+
+    async def effect() -> int:
+        ran.append(1)
+        return 7
+
+    assert await store.run_once(key, effect) == 7
+    assert ran == [1]
+    assert await store.is_done(key)
+
+
+async def test_run_once_skips_when_the_holder_finishes_while_it_waits(
+    store: IdempotencyStore,
+) -> None:
+    key = store.key("c", "evt-7")
+    holder = await store.claim(key)
+
+    async def finish_soon() -> None:
+        await asyncio.sleep(0.1)
+        await store.done(holder)
+
+    async def effect() -> None:
+        raise AssertionError("must not run: the holder did it")
+
+    finishing = asyncio.create_task(finish_soon())
+    assert await store.run_once(key, effect) is None
+    await finishing
+
+
+async def test_run_once_asks_for_a_retry_after_the_lease_when_still_held(
+    redis_client: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    store = IdempotencyStore(
+        redis_client, prefix=redis_prefix, lease_seconds=30, busy_wait_seconds=0.2
+    )
+    key = store.key("c", "evt-8")
     await store.claim(key)
 
     async def effect() -> None:
         raise AssertionError("must not run")
 
-    with pytest.raises(RetryableError, match="another worker"):
+    with pytest.raises(RetryableError, match="another worker") as caught:
         await store.run_once(key, effect)
+    assert caught.value.retry_after is not None
+    assert 25 < caught.value.retry_after <= 30

@@ -15,9 +15,11 @@ why the claim and the done mark are separate.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import enum
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -90,6 +92,8 @@ class IdempotencyStore:
     lease_seconds: float = 60.0
     retention_seconds: int = 7 * 24 * 3600
     metrics: MessagingMetrics | None = None
+    #: How long `run_once` waits out a claim held by someone else; None: one lease.
+    busy_wait_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.metrics is not None:
@@ -99,6 +103,12 @@ class IdempotencyStore:
         return self.prefix + "idem:" + ":".join(parts)
 
     async def claim(self, key: str) -> Claim:
+        claim = await self._try_claim(key)
+        if self.metrics is not None:
+            self.metrics.idempotency_claims.labels(claim.result.value).inc()
+        return claim
+
+    async def _try_claim(self, key: str) -> Claim:
         token = "processing:" + secrets.token_hex(8)
         lease_ms = max(1, round(self.lease_seconds * 1000))
         if await self.redis.set(key, token, nx=True, px=lease_ms):
@@ -110,9 +120,29 @@ class IdempotencyStore:
                 result = ClaimResult.CLAIMED if claimed else ClaimResult.BUSY
             else:
                 result = ClaimResult.DONE if _as_bytes(current) == DONE else ClaimResult.BUSY
-        if self.metrics is not None:
-            self.metrics.idempotency_claims.labels(result.value).inc()
         return Claim(key=key, token=token, result=result)
+
+    async def _wait_out(self, key: str) -> Claim:
+        """Poll a busy claim until it is ours or done, for at most ``busy_wait_seconds``.
+
+        A claim is busy while another worker holds its lease, or while the lease of a worker
+        that died holding it runs out. Both end within one lease, so waiting that long turns
+        the usual case (a crash, then the redelivery) into a plain claim, instead of spending
+        the message's retry budget on a lease that nobody will ever complete.
+        """
+        wait = self.lease_seconds if self.busy_wait_seconds is None else self.busy_wait_seconds
+        deadline = time.monotonic() + wait
+        pause = 0.05
+        claim = Claim(key=key, token="", result=ClaimResult.BUSY)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            claim = await self._try_claim(key)
+            if claim.result is not ClaimResult.BUSY:
+                break
+            pause = min(pause * 2, 1.0)
+        if self.metrics is not None:
+            self.metrics.idempotency_claims.labels(claim.result.value).inc()
+        return claim
 
     async def done(self, claim: Claim) -> bool:
         """Mark the work done. False if our lease had passed to another worker meanwhile."""
@@ -131,16 +161,24 @@ class IdempotencyStore:
     async def run_once(self, key: str, effect: Callable[[], Awaitable[T]]) -> T | None:
         """Run ``effect`` unless it already ran for ``key``; None when it was skipped.
 
-        Raises :class:`RetryableError` while another worker holds the claim.
+        While another worker holds the claim it waits (see `_wait_out`) for that worker to
+        finish or for its lease to run out; raises :class:`RetryableError`, with
+        ``retry_after`` the lease's remaining time, if the claim is still held after that.
         """
         claim = await self.claim(key)
+        if claim.result is ClaimResult.BUSY:
+            claim = await self._wait_out(key)
         tracker = _tracker.get()
         if claim.result is ClaimResult.DONE:
             if tracker is not None:
                 tracker.skipped += 1
             return None
         if claim.result is ClaimResult.BUSY:
-            raise RetryableError(f"another worker is handling {key!r}")
+            remaining_ms = await self.redis.pttl(key)
+            raise RetryableError(
+                f"another worker is handling {key!r}",
+                retry_after=max(remaining_ms, 0) / 1000 if remaining_ms else None,
+            )
         try:
             result = await effect()
         except BaseException:
