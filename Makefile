@@ -8,7 +8,7 @@ UV ?= uv
 PYTEST_ARGS ?=
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: help setup run test test-fast lint fmt manifests dashboards clean
+.PHONY: help setup run test test-fast faults lint fmt manifests dashboards clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -24,6 +24,9 @@ test: setup lint ## Lint, then run every test against the real RabbitMQ and Redi
 
 test-fast: ## Tests without set-up or lint (services must already be up)
 	@$(UV) run --locked pytest -m "not fault" $(PYTEST_ARGS)
+
+faults: setup ## The full fault and bad-input matrix (private RabbitMQ/Redis); writes docs/faults-report.md
+	@$(UV) run --locked pytest tests/faults --fault-matrix --fault-report docs/faults-report.md $(PYTEST_ARGS)
 
 lint: ## ruff (lint + format check) and mypy (strict for libs/common)
 	@$(UV) run --locked ruff check .

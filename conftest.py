@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.support.processes",
     "tests.support.stack",
     "tests.support.archiver",
+    "tests.support.faults",
 ]

@@ -1,0 +1,37 @@
+"""F1: the notification worker SIGKILLed during a burst of registrations; nothing is lost."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from tests.support.faults import FaultStack
+
+pytestmark = pytest.mark.fault
+
+#: notification-service's default prefetch: the most deliveries a killed worker can hold.
+PREFETCH = 32
+
+
+def test_worker_killed_at_random_during_load(fault_stack: FaultStack) -> None:
+    ledger = fault_stack.ledger("F1 worker SIGKILL at random during load")
+    worker = fault_stack.chain.processes["notification-service"]
+    done = threading.Event()
+
+    def load() -> None:
+        for _ in range(150):
+            ledger.register(fault_stack.users, channels=("email", "sms"))
+        done.set()
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    time.sleep(random.uniform(0.5, 2.0))  # somewhere inside the burst
+    worker.kill()
+    restarted_at = time.monotonic()
+    worker.start()
+    loader.join(120)
+    assert done.is_set(), "the registrations finished"
+    fault_stack.check(ledger, duplicate_bound=PREFETCH, recovery_started=restarted_at)

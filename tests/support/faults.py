@@ -1,0 +1,247 @@
+"""The fault suite's plumbing: the whole stack on private servers, the matrix switch, the report.
+
+* ``fault_stack``: a private RabbitMQ (management + prometheus plugins) and a private Redis
+  (AOF on), the SMTP and HTTP sinks, and the three services as processes wired to them. Faults
+  are done to these; the shared servers are never touched.
+* ``@pytest.mark.matrix``: part of the full matrix, which only ``make faults`` runs
+  (``--fault-matrix``); ``make test`` runs the rest of ``tests/faults`` (the fast subset).
+* ``FaultStack.check``: settles the ledger (tests/support/ledger.py), asserts lost = 0,
+  unexpected = 0, duplicates within the bound and every queue and the outbox empty, and adds
+  the scenario's row to the report that the session prints and writes (``--fault-report``,
+  default ``var/faults/report.md`` and ``.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+from courier_sinks.http import HttpSink
+from courier_sinks.smtp import SmtpSink
+from tests.support.chain import Chain, start_chain
+from tests.support.ledger import Ledger, Tally
+from tests.support.private_services import PrivateRabbitMQ, PrivateRedis
+from tests.support.processes import ServiceRunner
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_REPORT = REPO / "var" / "faults" / "report.md"
+COLUMNS = (
+    ("scenario", "scenario"),
+    ("accepted", "accepted"),
+    ("sent", "sent"),
+    ("dead_lettered", "dead-lettered"),
+    ("lost", "lost"),
+    ("unexpected", "unexpected"),
+    ("duplicates", "duplicates"),
+    ("duplicate_bound", "dup. bound"),
+    ("provider_replays", "provider replays"),
+    ("recovery_seconds", "recovery (s)"),
+)
+
+_rows: list[dict[str, Any]] = []
+
+
+# --- pytest hooks -----------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("courier faults")
+    group.addoption(
+        "--fault-matrix",
+        action="store_true",
+        default=False,
+        help="also run the full fault matrix (@pytest.mark.matrix); make faults sets it",
+    )
+    group.addoption(
+        "--fault-report",
+        default=None,
+        help=f"where the fault report goes (Markdown; JSON beside it); default {DEFAULT_REPORT}",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "matrix: part of the full fault matrix; only make faults (--fault-matrix)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--fault-matrix"):
+        return
+    deselected = [item for item in items if item.get_closest_marker("matrix")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("matrix")]
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    def cell(value: Any) -> str:
+        if value is None:
+            return "—"
+        if isinstance(value, float):
+            return f"{value:.1f}"
+        return str(value)
+
+    lines = [
+        "| " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|" + "|".join("---" for _ in COLUMNS) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(row.get(key)) for key, _ in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if not _rows:
+        return
+    rows = sorted(_rows, key=lambda r: str(r["scenario"]))
+    table = render_table(rows)
+    target = Path(config.getoption("--fault-report") or DEFAULT_REPORT)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    matrix = "full matrix" if config.getoption("--fault-matrix") else "fast subset"
+    target.write_text(
+        "# Courier fault report\n\n"
+        f"{stamp}, {matrix}. lost = accepted − (sent ∪ dead-lettered); unexpected = sent − "
+        "accepted; duplicates = effects delivered more than once (bound: what was in flight "
+        "at the crash); provider replays = re-sends an HTTP provider recognised by "
+        "Idempotency-Key; recovery = seconds from the fault's end until every owed "
+        "notification was sent or dead-lettered.\n\n" + table
+    )
+    target.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    terminalreporter.write_sep("=", "fault report")
+    terminalreporter.write(table)
+    terminalreporter.write_line(f"written to {target} (and .json)")
+
+
+# --- the stack --------------------------------------------------------------------------------
+
+
+@dataclass
+class FaultStack:
+    broker: PrivateRabbitMQ
+    redis: PrivateRedis
+    chain: Chain
+    smtp: SmtpSink
+    http: HttpSink
+    users: httpx.Client
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def management(self) -> str:
+        assert self.broker.management_url is not None
+        return self.broker.management_url
+
+    def ledger(self, scenario: str) -> Ledger:
+        return Ledger(scenario)
+
+    def queue_depths(self) -> dict[str, int]:
+        """Ready + unacked of every queue in the vhost, from the private broker's API."""
+        response = httpx.get(
+            f"{self.management}/api/queues/{quote('/', safe='')}",
+            auth=("guest", "guest"),
+            timeout=10,
+        )
+        response.raise_for_status()
+        return {q["name"]: int(q.get("messages", 0)) for q in response.json()}
+
+    def outbox_backlog(self) -> float:
+        text = self.chain.metrics_text("user-service")
+        for line in text.splitlines():
+            if line.startswith("courier_outbox_backlog "):
+                return float(line.split()[1])
+        raise AssertionError("user-service exposes no courier_outbox_backlog")
+
+    def wait_drained(self, timeout: float = 60) -> None:
+        """Until every queue and the outbox are empty (management stats lag ~5 s)."""
+        deadline = time.monotonic() + timeout
+        depths: dict[str, int] = {}
+        backlog = -1.0
+        while time.monotonic() < deadline:
+            depths = {q: n for q, n in self.queue_depths().items() if n}
+            backlog = self.outbox_backlog()
+            if not depths and backlog == 0:
+                return
+            time.sleep(1)
+        raise AssertionError(f"not drained: queues {depths}, outbox backlog {backlog}")
+
+    def check(
+        self,
+        ledger: Ledger,
+        *,
+        duplicate_bound: int = 0,
+        recovery_started: float | None = None,
+        timeout: float = 120,
+    ) -> Tally:
+        """Settle the ledger, assert the guarantees, and add the row to the report.
+
+        *recovery_started* is the ``time.monotonic()`` at which the fault ended; recovery is
+        measured from there until nothing owed was missing.
+        """
+        tally = ledger.settle(
+            smtp=self.smtp,
+            http=self.http,
+            archiver_url=self.chain.url("dlq-archiver"),
+            timeout=timeout,
+        )
+        if recovery_started is not None:
+            tally.recovery_seconds = round(time.monotonic() - recovery_started, 1)
+        row = {**tally.row(), "duplicate_bound": duplicate_bound}
+        _rows.append(row)
+        self.rows.append(row)
+        assert tally.accepted > 0, "the scenario accepted nothing: it proves nothing"
+        assert not ledger.refused, f"registrations refused: {ledger.refused[:5]}"
+        assert tally.lost == 0, f"lost {tally.lost}: {tally.lost_keys[:10]}"
+        assert tally.unexpected == 0, f"unexpected {tally.unexpected}: {tally.unexpected_keys[:10]}"
+        assert tally.duplicates <= duplicate_bound, (
+            f"{tally.duplicates} duplicates, more than the {duplicate_bound} in flight"
+        )
+        self.wait_drained()
+        return tally
+
+
+@pytest.fixture
+def fault_broker(tmp_path: Path) -> Iterator[PrivateRabbitMQ]:
+    node = PrivateRabbitMQ(tmp_path / "rabbitmq", management=True)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.close()
+
+
+@pytest.fixture
+def fault_stack(
+    fault_broker: PrivateRabbitMQ,
+    private_redis: PrivateRedis,
+    services: ServiceRunner,
+    smtp_sink: SmtpSink,
+    http_sink: HttpSink,
+) -> Iterator[FaultStack]:
+    chain = start_chain(
+        services,
+        amqp_url=fault_broker.url,
+        redis_url=private_redis.url,
+        redis_prefix="courier:",
+        smtp_sink=smtp_sink,
+        http_sink=http_sink,
+        management_url=f"http://guest:guest@127.0.0.1:{fault_broker.management_port}",
+        extra_env={"COURIER_AMQP_HEARTBEAT_SECONDS": "5"},
+    )
+    with httpx.Client(base_url=chain.url("user-service"), timeout=30) as users:
+        yield FaultStack(
+            broker=fault_broker,
+            redis=private_redis,
+            chain=chain,
+            smtp=smtp_sink,
+            http=http_sink,
+            users=users,
+        )
