@@ -101,7 +101,7 @@ async def test_run_once_skips_when_the_holder_finishes_while_it_waits(
         await asyncio.sleep(0.1)
         await store.done(holder)
 
-    async def effect() -> None:
+    async def effect() -> str:
         raise AssertionError("must not run: the holder did it")
 
     finishing = asyncio.create_task(finish_soon())
