@@ -53,11 +53,13 @@ def start_chain(
     http_sink: HttpSink,
     management_url: str | None = None,
     extra_env: Mapping[str, str] | None = None,
+    service_env: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Chain:
     """Start the three services (fast retry tiers, quick gauges) and wait until each is ready.
 
     *management_url* is the broker's management API with credentials when it is not on the AMQP
-    host's port 15672 (a private node). *extra_env* goes to every service (``OTEL_*``, say).
+    host's port 15672 (a private node). *extra_env* goes to every service (``OTEL_*``, say),
+    *service_env* to one service by name (applied last).
     """
     common = {
         "COURIER_AMQP_URL": amqp_url,
@@ -84,5 +86,9 @@ def start_chain(
         },
         "user-service": {"COURIER_OUTBOX_BLOCK_MS": "50"},
     }
-    processes = {name: runner.start(name, {**common, **own[name]}) for name in SERVICES}
+    overrides = service_env or {}
+    processes = {
+        name: runner.start(name, {**common, **own[name], **overrides.get(name, {})})
+        for name in SERVICES
+    }
     return Chain(processes=processes)

@@ -122,6 +122,16 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     terminalreporter.write_line(f"written to {target} (and .json)")
 
 
+def add_report_row(**row: Any) -> None:
+    """Add a row to this session's fault report (keys: see COLUMNS; missing ones show —).
+
+    `FaultStack.check` adds the ledger scenarios' rows; tests without a ledger (bad input on
+    the wire, say) report what they checked through this.
+    """
+    assert "scenario" in row, "a report row needs a scenario"
+    _rows.append(row)
+
+
 # --- the stack --------------------------------------------------------------------------------
 
 
@@ -219,7 +229,14 @@ def fault_broker(tmp_path: Path) -> Iterator[PrivateRabbitMQ]:
 
 
 @pytest.fixture
+def fault_env() -> dict[str, dict[str, str]]:
+    """Extra environment per service for `fault_stack`; override it in a test module."""
+    return {}
+
+
+@pytest.fixture
 def fault_stack(
+    fault_env: dict[str, dict[str, str]],
     fault_broker: PrivateRabbitMQ,
     private_redis: PrivateRedis,
     services: ServiceRunner,
@@ -235,6 +252,7 @@ def fault_stack(
         http_sink=http_sink,
         management_url=f"http://guest:guest@127.0.0.1:{fault_broker.management_port}",
         extra_env={"COURIER_AMQP_HEARTBEAT_SECONDS": "5"},
+        service_env=fault_env,
     )
     with httpx.Client(base_url=chain.url("user-service"), timeout=30) as users:
         yield FaultStack(
