@@ -6,17 +6,12 @@ import os
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
-import grpc
 import pytest
 from opentelemetry import baggage, trace
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -34,14 +29,18 @@ from opentelemetry.trace import (
 )
 
 from courier_common.tracing import (
+    PROPAGATION_HEADERS,
     current_trace_ids,
     extract_context,
     init_tracing,
     inject_context,
+    link_from_headers,
+    operation_span,
     process_span,
     publish_span,
     record_failure,
 )
+from tests.support.otlp import TraceReceiver, otlp_receiver
 
 EMAIL = "alice.smith@example.com"
 MESSAGE_ID = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"
@@ -412,6 +411,94 @@ def test_builtin_exceptions_use_their_plain_name_as_error_type(
     assert dict(span.attributes or {})["error.type"] == "KeyError"
 
 
+# --- other spans, links ----------------------------------------------------------------------
+
+
+def test_operation_span_is_current_with_its_kind_attributes_and_links(
+    spans: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = spans
+    original = SpanContext(TRACE_ID, SPAN_ID, is_remote=True, trace_flags=TraceFlags(1))
+
+    with (
+        tracer.start_as_current_span("consume") as parent,
+        operation_span(
+            tracer,
+            "send sms",
+            kind=SpanKind.CLIENT,
+            attributes={"courier.notification.channel": "sms", "server.port": 443},
+            links=[Link(original)],
+        ) as span,
+    ):
+        assert trace.get_current_span() is span
+        span.set_attribute("courier.notification.outcome", "sent")
+
+    (finished,) = [s for s in exporter.get_finished_spans() if s.name == "send sms"]
+    assert finished.kind is SpanKind.CLIENT
+    assert finished.parent is not None
+    assert finished.parent.span_id == parent.get_span_context().span_id
+    assert dict(finished.attributes or {}) == {
+        "courier.notification.channel": "sms",
+        "server.port": 443,
+        "courier.notification.outcome": "sent",
+    }
+    assert [link.context for link in finished.links] == [original]
+    assert finished.status.status_code is StatusCode.UNSET
+
+
+def test_operation_span_names_a_failure_with_the_error_type_callback(
+    spans: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, exporter = spans
+
+    def error_type(exc: BaseException) -> str | None:
+        return "503" if isinstance(exc, ConnectionError) else None
+
+    with pytest.raises(ConnectionError), operation_span(tracer, "a", error_type=error_type):
+        raise ConnectionError(f"provider refused {EMAIL}")
+    with pytest.raises(KeyError), operation_span(tracer, "b", error_type=error_type):
+        raise KeyError("no callback answer: the class name")
+
+    first, second = exporter.get_finished_spans()
+    assert first.kind is SpanKind.INTERNAL
+    assert dict(first.attributes or {})["error.type"] == "503"
+    assert first.status.status_code is StatusCode.ERROR
+    assert EMAIL not in (first.status.description or "")
+    assert len(first.events) == 1  # recorded once, by record_failure, not again by the SDK
+    assert dict(second.attributes or {})["error.type"] == "KeyError"
+
+
+def test_link_from_headers_points_at_the_messages_context() -> None:
+    link = link_from_headers(
+        {"traceparent": TRACEPARENT.encode()}, {"courier.link.relation": "replay_of"}
+    )
+
+    assert link is not None
+    assert link.context.trace_id == TRACE_ID
+    assert link.context.span_id == SPAN_ID
+    assert dict(link.attributes or {}) == {"courier.link.relation": "replay_of"}
+
+
+@pytest.mark.parametrize("headers", [None, {}, {"traceparent": "garbage"}])
+def test_link_from_headers_without_a_context_is_none(headers: dict[str, object] | None) -> None:
+    assert link_from_headers(headers) is None
+
+
+def test_propagation_headers_name_what_inject_writes(
+    spans: tuple[Tracer, InMemorySpanExporter],
+) -> None:
+    tracer, _ = spans
+    token = otel_context.attach(baggage.set_baggage("k", "v"))
+    try:
+        with tracer.start_as_current_span("s"):
+            headers: dict[str, object] = inject_context({})
+    finally:
+        otel_context.detach(token)
+
+    assert set(headers) <= PROPAGATION_HEADERS
+    assert {"traceparent", "tracestate", "baggage"} <= PROPAGATION_HEADERS
+
+
 # --- current ids ------------------------------------------------------------------------------
 
 
@@ -478,56 +565,15 @@ def _run_python(script: str, env: dict[str, str]) -> subprocess.CompletedProcess
     return result
 
 
-class _TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """The collector's side of OTLP/gRPC: keeps every export request."""
-
-    def __init__(self) -> None:
-        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-        self._lock = threading.Lock()
-
-    def Export(  # the gRPC method name, as the servicer defines it
-        self, request: trace_service_pb2.ExportTraceServiceRequest, context: Any
-    ) -> trace_service_pb2.ExportTraceServiceResponse:
-        with self._lock:
-            self.requests.append(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-    def spans(self) -> list[tuple[str, str, str]]:
-        """(service.name, span name, hex trace id) of everything received."""
-        found: list[tuple[str, str, str]] = []
-        with self._lock:
-            for request in self.requests:
-                for resource_spans in request.resource_spans:
-                    service = next(
-                        attr.value.string_value
-                        for attr in resource_spans.resource.attributes
-                        if attr.key == "service.name"
-                    )
-                    for scope_spans in resource_spans.scope_spans:
-                        found.extend(
-                            (service, span.name, span.trace_id.hex()) for span in scope_spans.spans
-                        )
-        return found
-
-
 @pytest.fixture
-def otlp_receiver() -> Iterator[tuple[_TraceReceiver, int]]:
-    receiver = _TraceReceiver()
-    server = grpc.server(ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        receiver, server
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    yield receiver, port
-    server.stop(grace=None)
+def otlp() -> Iterator[tuple[TraceReceiver, int]]:
+    with otlp_receiver() as served:
+        yield served
 
 
-def test_init_tracing_exports_over_otlp_grpc(
-    otlp_receiver: tuple[_TraceReceiver, int],
-) -> None:
+def test_init_tracing_exports_over_otlp_grpc(otlp: tuple[TraceReceiver, int]) -> None:
     # A subprocess, because a process can install its global tracer provider only once.
-    receiver, port = otlp_receiver
+    receiver, port = otlp
     script = """
         from courier_common.tracing import (
             current_trace_ids, get_tracer, init_tracing, shutdown_tracing,
@@ -547,7 +593,8 @@ def test_init_tracing_exports_over_otlp_grpc(
     result = _run_python(script, env)
 
     trace_id = result.stdout.strip().splitlines()[-1]
-    assert ("courier-otlp-test", "otlp-smoke", trace_id) in receiver.spans()
+    received = {(span.service, span.name, span.trace_id) for span in receiver.spans()}
+    assert ("courier-otlp-test", "otlp-smoke", trace_id) in received
 
 
 def test_init_tracing_twice_keeps_the_first_provider_and_honours_otel_service_name() -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final, TypeVar
 
@@ -45,6 +45,8 @@ __all__ = [
     "get_tracer",
     "init_tracing",
     "inject_context",
+    "link_from_headers",
+    "operation_span",
     "process_span",
     "publish_span",
     "record_failure",
@@ -79,6 +81,14 @@ _EXCEPTION_MESSAGE: Final = "exception.message"
 _EXCEPTION_STACKTRACE: Final = "exception.stacktrace"
 
 _TRUE_VALUES: Final = frozenset({"true", "1", "yes", "on"})
+
+# W3C TraceContext + Baggage, whatever OTEL_PROPAGATORS says: the headers are a message contract.
+_PROPAGATOR: Final = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+#: The headers trace propagation writes (``traceparent``, ``tracestate``, ``baggage``). Drop them
+#: from headers copied off an old message that is published anew in another trace (a replay):
+#: `inject_context` always overwrites ``traceparent`` but writes the other two only when the
+#: current context has them, so stale ones would ride along.
+PROPAGATION_HEADERS: Final = frozenset(_PROPAGATOR.fields)
 
 _HeadersT = TypeVar("_HeadersT", bound=MutableMapping[str, Any])
 
@@ -156,9 +166,7 @@ def init_tracing(
       provider, so rather than build a second one whose spans would go nowhere, this keeps the
       existing one, logs a warning, and leaves its shutdown to whoever installed it.
     """
-    set_global_textmap(
-        CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
-    )
+    set_global_textmap(_PROPAGATOR)
     if (_env("OTEL_SDK_DISABLED") or "").lower() in _TRUE_VALUES:
         return None
 
@@ -270,6 +278,21 @@ def extract_context(headers: Mapping[str, object] | None) -> Context:
         return Context()
 
 
+def link_from_headers(
+    headers: Mapping[str, object] | None,
+    attributes: Mapping[str, AttributeValue] | None = None,
+) -> Link | None:
+    """A span `Link` to the trace context in message headers, or None when there is none.
+
+    For work that relates to a message without continuing its trace: a replay runs in the
+    operator's trace and links to the dead letter's. Never raises, like `extract_context`.
+    """
+    span_context = trace.get_current_span(extract_context(headers)).get_span_context()
+    if not span_context.is_valid:
+        return None
+    return Link(span_context, attributes=dict(attributes) if attributes else None)
+
+
 # --------------------------------------------------------------------------------------------
 # Messaging spans
 # --------------------------------------------------------------------------------------------
@@ -363,20 +386,26 @@ def record_failure(span: Span, exc: BaseException, *, error_type: str | None = N
 
 
 @contextmanager
-def _messaging_span(
+def operation_span(
     tracer: Tracer,
     name: str,
     *,
-    kind: SpanKind,
-    attributes: dict[str, AttributeValue],
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Mapping[str, AttributeValue] | None = None,
     links: Sequence[Link] = (),
+    error_type: Callable[[BaseException], str | None] | None = None,
 ) -> Iterator[Span]:
-    # The SDK's own exception handling is switched off so failures go through record_failure,
-    # which adds error.type and scrubs PII from what it records.
+    """A current span around one operation whose failures go through `record_failure`.
+
+    The SDK's own exception handling is switched off: an exception leaving the block marks the
+    span failed with a scrubbed exception event and a low-cardinality ``error.type`` — what
+    *error_type* returns for it, or the exception's class name when that is None — and
+    propagates. Use it for spans that are not messaging spans (a notification send, a replay).
+    """
     with tracer.start_as_current_span(
         name,
         kind=kind,
-        attributes=attributes,
+        attributes=dict(attributes) if attributes else None,
         links=links,
         record_exception=False,
         set_status_on_exception=False,
@@ -384,7 +413,7 @@ def _messaging_span(
         try:
             yield span
         except BaseException as exc:
-            record_failure(span, exc)
+            record_failure(span, exc, error_type=error_type(exc) if error_type else None)
             raise
 
 
@@ -423,7 +452,7 @@ def publish_span(
         server_address=server_address,
         server_port=server_port,
     )
-    with _messaging_span(
+    with operation_span(
         tracer,
         f"{operation_name} {_span_target(exchange, routing_key)}",
         kind=SpanKind.PRODUCER,
@@ -469,7 +498,7 @@ def process_span(
     )
     token = otel_context.attach(extract_context(headers))
     try:
-        with _messaging_span(
+        with operation_span(
             tracer,
             f"process {queue}",
             kind=SpanKind.CONSUMER,

@@ -4,24 +4,34 @@ This consumer cannot use the envelope-decoding runner: a dead letter may be any 
 dead-lettering a dead letter would loop. It stores, then acks. When Redis is unavailable it
 keeps the message (unacked) and retries the store with backoff: a dead letter leaves the
 queue only once it is in the archive.
+
+Each delivery is handled in a ``process courier.dead-letters`` span whose parent is the
+dead-letter publish (from the message's ``traceparent``), so the archive closes the trace of
+the message that died.
 """
 
 from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import redis.exceptions
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from opentelemetry.trace import Span, Tracer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, new_event_id
+from courier_common.tracing import get_tracer, process_span
 from dlq_archiver.records import DeadLetterRecord, from_message
 from dlq_archiver.store import Archive, id_time
 
 log = get_logger(__name__)
+
+#: Span attributes of an archived delivery.
+RECORD_ID_ATTRIBUTE: Final = "courier.dead_letter.record_id"
+OUTCOME_ATTRIBUTE: Final = "courier.dead_letter.outcome"
 
 
 class ArchiverMetrics:
@@ -70,12 +80,14 @@ class ArchiveConsumer:
         metrics: ArchiverMetrics,
         queue: str,
         prefetch: int = 50,
+        tracer: Tracer | None = None,
     ) -> None:
         self.connection = connection
         self.archive = archive
         self.metrics = metrics
         self.queue_name = queue
         self.prefetch = prefetch
+        self.tracer = tracer or get_tracer("dlq_archiver")
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -94,6 +106,18 @@ class ArchiveConsumer:
         task.add_done_callback(self._tasks.discard)
 
     async def _archive(self, message: AbstractIncomingMessage) -> None:
+        with process_span(
+            self.tracer,
+            queue=self.queue_name,
+            headers=message.headers,
+            message_id=message.message_id,
+            routing_key=message.routing_key,
+            exchange=message.exchange,
+            body_size=len(message.body),
+        ) as span:
+            await self._store(message, span)
+
+    async def _store(self, message: AbstractIncomingMessage, span: Span) -> None:
         now = datetime.now(UTC)
         record = from_message(message, record_id=str(new_event_id()), now=now)
         delay = 0.2
@@ -106,9 +130,11 @@ class ArchiveConsumer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         if existing is not None:
+            span.set_attributes({RECORD_ID_ATTRIBUTE: existing, OUTCOME_ATTRIBUTE: "duplicate"})
             self.metrics.duplicates.inc()
             log.info("dead_letter_duplicate", record_id=existing, message_id=record.message_id)
         else:
+            span.set_attributes({RECORD_ID_ATTRIBUTE: record.id, OUTCOME_ATTRIBUTE: "archived"})
             self.metrics.archived.labels(record.source_queue, record.reason_class).inc()
             await self._link_replay(record)
             log.info(

@@ -9,6 +9,11 @@ A bulk job is paced (``rate_per_second``), starts with a canary (replay the firs
 for ``canary_wait_seconds``, go on only if they did not die again) and halts when the share
 of replays that died again passes ``max_failure_rate``. What a halted job did not replay stays
 in the archive, untouched.
+
+Tracing: a replay belongs to the operator's trace, not the dead letter's. Each one is a
+``replay dead letter`` span — a child of the API request, or of the ``bulk replay`` span of its
+job — with a `Link` to the trace context the dead letter was stored with; its publish is a child
+of that span, and the replayed message carries the replay's context, not the original one.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import contextlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
+
+from opentelemetry.trace import Tracer
 
 from courier_common.logging import get_logger
 from courier_common.messaging import (
@@ -28,7 +35,13 @@ from courier_common.messaging import (
     headers,
     new_event_id,
 )
-from dlq_archiver.archiving import ArchiverMetrics
+from courier_common.tracing import (
+    PROPAGATION_HEADERS,
+    get_tracer,
+    link_from_headers,
+    operation_span,
+)
+from dlq_archiver.archiving import RECORD_ID_ATTRIBUTE, ArchiverMetrics
 from dlq_archiver.records import DeadLetterRecord
 from dlq_archiver.store import Archive, Filter
 
@@ -40,7 +53,16 @@ _DROPPED_HEADERS = (
     headers.DIAGNOSIS
     | headers.BROKER_DEATH
     | {headers.ATTEMPT, headers.REPLAY_OF, headers.REPLAY_ID}
+    | PROPAGATION_HEADERS
 )
+
+# Span attributes of a replay and its job; the replay's link to the dead letter's trace says
+# what it is with LINK_RELATION_ATTRIBUTE = REPLAY_OF.
+REPLAY_ID_ATTRIBUTE: Final = "courier.replay.id"
+JOB_ID_ATTRIBUTE: Final = "courier.replay.job_id"
+JOB_TOTAL_ATTRIBUTE: Final = "courier.replay.job_total"
+LINK_RELATION_ATTRIBUTE: Final = "courier.link.relation"
+REPLAY_OF: Final = "replay_of"
 
 
 class ReplayRefused(Exception):
@@ -61,14 +83,42 @@ class BulkReplayRequest:
 class Replayer:
     """Publishes replays and runs bulk replay jobs in this process."""
 
-    def __init__(self, *, archive: Archive, publisher: Publisher, metrics: ArchiverMetrics) -> None:
+    def __init__(
+        self,
+        *,
+        archive: Archive,
+        publisher: Publisher,
+        metrics: ArchiverMetrics,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.archive = archive
         self.publisher = publisher
         self.metrics = metrics
+        self.tracer = tracer or get_tracer("dlq_archiver")
         self._jobs: dict[str, asyncio.Task[None]] = {}
 
     async def replay(self, record: DeadLetterRecord, *, job_id: str | None = None) -> str:
-        """Republish one record to its original exchange and routing key; the replay id."""
+        """Republish one record to its original exchange and routing key; the replay id.
+
+        Runs in the caller's trace (the API request's, or the bulk job's) and links to the
+        dead letter's own trace.
+        """
+        link = link_from_headers(record.headers, {LINK_RELATION_ATTRIBUTE: REPLAY_OF})
+        attributes: dict[str, str] = {RECORD_ID_ATTRIBUTE: record.id}
+        if job_id:
+            attributes[JOB_ID_ATTRIBUTE] = job_id
+        with operation_span(
+            self.tracer,
+            "replay dead letter",
+            attributes=attributes,
+            links=[link] if link else [],
+            error_type=lambda exc: "refused" if isinstance(exc, ReplayRefused) else None,
+        ) as span:
+            replay_id = await self._replay(record, job_id)
+            span.set_attribute(REPLAY_ID_ATTRIBUTE, replay_id)
+            return replay_id
+
+    async def _replay(self, record: DeadLetterRecord, job_id: str | None) -> str:
         if record.erased:
             self.metrics.replays.labels("refused").inc()
             raise ReplayRefused("the record was erased with its user and cannot be replayed")
@@ -122,10 +172,19 @@ class Replayer:
             count=len(ids),
         )
         log.info("bulk_replay_started", job_id=job_id, total=len(ids))
-        task = asyncio.create_task(self._run(job_id, ids, request), name=f"replay-{job_id}")
+        # The task copies the request's context: the job's span is a child of the request's.
+        task = asyncio.create_task(self._run_traced(job_id, ids, request), name=f"replay-{job_id}")
         self._jobs[job_id] = task
         task.add_done_callback(lambda _: self._jobs.pop(job_id, None))
         return job_id
+
+    async def _run_traced(self, job_id: str, ids: list[str], request: BulkReplayRequest) -> None:
+        with operation_span(
+            self.tracer,
+            "bulk replay",
+            attributes={JOB_ID_ATTRIBUTE: job_id, JOB_TOTAL_ATTRIBUTE: len(ids)},
+        ):
+            await self._run(job_id, ids, request)
 
     async def _run(self, job_id: str, ids: list[str], request: BulkReplayRequest) -> None:
         replayed = refused = 0

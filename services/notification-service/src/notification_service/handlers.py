@@ -4,6 +4,9 @@ The handlers are business functions of :class:`Notifier`: they take a typed even
 ``RetryableError`` or ``PermanentError``; the runner in ``courier_common`` acks, retries or
 dead-letters. Each (event, channel) send is wrapped in the idempotency protocol, so when
 email went out and SMS failed, the retry sends only the SMS.
+
+Each channel gets its own CLIENT span, ``send <channel>``, a child of the delivery's process
+span, whatever happened: sent, skipped (already sent), retryable or permanent failure.
 """
 
 from __future__ import annotations
@@ -11,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime
+from typing import Final
 
+from opentelemetry.trace import SpanKind, Tracer
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio import Redis
 
@@ -25,11 +30,29 @@ from courier_common.messaging import (
     Router,
 )
 from courier_common.metrics import AGE_BUCKETS, HANDLER_BUCKETS
+from courier_common.tracing import SERVER_ADDRESS, SERVER_PORT, get_tracer, operation_span
 from notification_service.rendering import Renderer
-from notification_service.senders import EmailSender, HttpProvider, message_id
+from notification_service.senders import EmailSender, HttpProvider, failure_type, message_id
 
 log = get_logger(__name__)
 ContactEvent = Event[UserRegistered] | Event[UserUpdated]
+
+# Span attributes of a send; the outcome takes the values of the sends metric's label.
+CHANNEL_ATTRIBUTE: Final = "courier.notification.channel"
+TEMPLATE_ATTRIBUTE: Final = "courier.notification.template"
+OUTCOME_ATTRIBUTE: Final = "courier.notification.outcome"
+
+
+def _send_error_type(exc: BaseException) -> str | None:
+    """``error.type`` of a failed send: from the sender's cause, else retryable/permanent."""
+    named = failure_type(exc)
+    if named is not None:
+        return named
+    if isinstance(exc, RetryableError):
+        return "retryable"  # e.g. another worker holds the claim
+    if isinstance(exc, PermanentError):
+        return "permanent"  # e.g. the event lacks the phone number the channel needs
+    return None  # a bug: its class name
 
 
 class NotificationMetrics:
@@ -73,6 +96,7 @@ class Notifier:
         metrics: NotificationMetrics,
         consumer_name: str = "notification-service",
         erased_ttl_seconds: int = 30 * 24 * 3600,
+        tracer: Tracer | None = None,
     ) -> None:
         self.email = email
         self.sms = sms
@@ -84,6 +108,7 @@ class Notifier:
         self.metrics = metrics
         self.consumer_name = consumer_name
         self.erased_ttl_seconds = erased_ttl_seconds
+        self.tracer = tracer or get_tracer("notification_service")
 
     def router(self) -> Router:
         router = Router()
@@ -144,8 +169,13 @@ class Notifier:
             raise RetryableError(summary, retry_after=max(waits) if waits else None)
         raise PermanentError(summary)
 
+    def _server(self, channel: Channel) -> tuple[str, int]:
+        sender = self.email if channel == "email" else self.sms if channel == "sms" else self.push
+        return sender.server_address, sender.server_port
+
     async def _deliver(self, event: ContactEvent, template: str, channel: Channel) -> None:
         key = self.idempotency.key(self.consumer_name, str(event.id), channel)
+        address, port = self._server(channel)
 
         async def send() -> bool:
             started = time.perf_counter()
@@ -166,9 +196,32 @@ class Notifier:
             log.info("notification_sent", channel=channel, template=template)
             return True
 
-        if await self.idempotency.run_once(key, send) is None:
-            self.metrics.sends.labels(channel, "skipped").inc()
-            log.info("notification_already_sent", channel=channel, template=template)
+        with operation_span(
+            self.tracer,
+            f"send {channel}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                CHANNEL_ATTRIBUTE: channel,
+                TEMPLATE_ATTRIBUTE: template,
+                SERVER_ADDRESS: address,
+                SERVER_PORT: port,
+            },
+            error_type=_send_error_type,
+        ) as span:
+            try:
+                sent = await self.idempotency.run_once(key, send)
+            except RetryableError:
+                span.set_attribute(OUTCOME_ATTRIBUTE, "retryable")
+                raise
+            except PermanentError:
+                span.set_attribute(OUTCOME_ATTRIBUTE, "permanent")
+                raise
+            if sent is None:
+                span.set_attribute(OUTCOME_ATTRIBUTE, "skipped")
+                self.metrics.sends.labels(channel, "skipped").inc()
+                log.info("notification_already_sent", channel=channel, template=template)
+            else:
+                span.set_attribute(OUTCOME_ATTRIBUTE, "sent")
 
     async def _send(self, event: ContactEvent, template: str, channel: Channel) -> None:
         user: UserContact = event.data

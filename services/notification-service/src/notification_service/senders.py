@@ -5,6 +5,9 @@ Each sender does one delivery and turns every way it can fail into one of two an
 again later can work) or :class:`PermanentError` (HTTP 4xx, SMTP 5xx: it never will). The
 event id travels with every send (a stable ``Message-ID``, an ``Idempotency-Key``) so that a
 provider can drop the duplicate of a send whose success we did not get to record.
+
+Each of those errors is raised ``from`` what caused it, which is how `failure_type` names the
+failure on the send's span without a second classification.
 """
 
 from __future__ import annotations
@@ -50,6 +53,14 @@ class EmailSender:
         self.password = password
         self.start_tls = start_tls
         self.domain = email.utils.parseaddr(sender)[1].rpartition("@")[2] or "courier.local"
+
+    @property
+    def server_address(self) -> str:
+        return self.host
+
+    @property
+    def server_port(self) -> int:
+        return self.port
 
     async def send(
         self, *, to: str, subject: str, text: str, html: str, msg_id: str, locale: str
@@ -98,6 +109,9 @@ class HttpProvider:
         self.url = url
         self.token = token
         self.client = client
+        parsed = httpx.URL(url)
+        self.server_address = parsed.host
+        self.server_port = parsed.port or (443 if parsed.scheme == "https" else 80)
 
     async def send(self, payload: dict[str, Any], *, idempotency_key: str) -> None:
         try:
@@ -119,9 +133,33 @@ class HttpProvider:
         if status < 300:
             return
         reason = f"{self.channel} provider answered {status}: {_short(response.text)}"
+        # The cause carries the response, so the status stays readable (see failure_type).
+        cause = httpx.HTTPStatusError(reason, request=response.request, response=response)
         if status == 429 or status == 408 or status >= 500:
-            raise RetryableError(reason, retry_after=_retry_after(response))
-        raise PermanentError(reason)
+            raise RetryableError(reason, retry_after=_retry_after(response)) from cause
+        raise PermanentError(reason) from cause
+
+
+def failure_type(exc: BaseException) -> str | None:
+    """A low-cardinality name for why a send failed, for ``error.type`` on its span.
+
+    Read from the error's cause: the HTTP status (``"503"``, as the HTTP conventions name
+    status errors), ``"smtp_<code>"`` for an SMTP reply, ``"timeout"``, or the class name of a
+    connection error. None when there is no cause to go by (the caller picks a fallback).
+    """
+    cause = exc.__cause__
+    if isinstance(cause, httpx.HTTPStatusError):
+        return str(cause.response.status_code)
+    if isinstance(cause, aiosmtplib.SMTPRecipientsRefused) and cause.recipients:
+        return f"smtp_{cause.recipients[0].code}"
+    if isinstance(cause, aiosmtplib.SMTPResponseException):
+        return f"smtp_{cause.code}"
+    if isinstance(cause, httpx.TimeoutException | TimeoutError):
+        return "timeout"
+    if cause is not None:
+        cls = type(cause)
+        return f"{cls.__module__}.{cls.__qualname__}"
+    return None
 
 
 def _retry_after(response: httpx.Response) -> float | None:
