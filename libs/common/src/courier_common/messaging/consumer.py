@@ -29,6 +29,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 from opentelemetry.trace import Span, Tracer
 
+from courier_common.failpoints import failpoint
 from courier_common.logging import get_logger
 from courier_common.messaging import headers as names
 from courier_common.messaging.connection import AmqpConnection
@@ -333,6 +334,7 @@ class ConsumerRunner:
         self.metrics.event_age.labels(
             self.queue.name, self.metrics.event_type_label(event_type)
         ).observe(max(0.0, (datetime.now(UTC) - event.time).total_seconds()))
+        failpoint("consumer.before_ack")
         await self._ack(message)
         if tracker.skipped and not tracker.ran:
             return _Decision("duplicate", event_type)

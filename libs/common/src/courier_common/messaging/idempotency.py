@@ -26,6 +26,7 @@ from typing import TypeVar
 
 from redis.asyncio import Redis
 
+from courier_common.failpoints import failpoint
 from courier_common.messaging.retry import RetryableError
 from courier_common.metrics import MessagingMetrics
 
@@ -179,11 +180,13 @@ class IdempotencyStore:
                 f"another worker is handling {key!r}",
                 retry_after=max(remaining_ms, 0) / 1000 if remaining_ms else None,
             )
+        failpoint("idempotency.before_effect")
         try:
             result = await effect()
         except BaseException:
             await self.release(claim)
             raise
+        failpoint("idempotency.after_effect")
         await self.done(claim)
         if tracker is not None:
             tracker.ran += 1
