@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +41,7 @@ COLUMNS = (
     ("dead_lettered", "dead-lettered"),
     ("lost", "lost"),
     ("unexpected", "unexpected"),
+    ("refused", "refused"),
     ("duplicates", "duplicates"),
     ("duplicate_bound", "dup. bound"),
     ("provider_replays", "provider replays"),
@@ -190,11 +191,18 @@ class FaultStack:
         duplicate_bound: int = 0,
         recovery_started: float | None = None,
         timeout: float = 120,
+        allow_refused: bool = False,
+        excused: Collection[str] = (),
     ) -> Tally:
         """Settle the ledger, assert the guarantees, and add the row to the report.
 
         *recovery_started* is the ``time.monotonic()`` at which the fault ended; recovery is
-        measured from there until nothing owed was missing.
+        measured from there until nothing owed was missing. *allow_refused* is for faults of
+        user-service's own store (Redis down or stalled): a registration may then be refused,
+        but only with a 503 problem the client can retry, and a refused one is not in A.
+        *excused* are user ids whose loss the store's own durability setting explains (the AOF
+        tail a crash took under ``appendfsync everysec``): their lost notifications still count
+        in the row, but do not fail the check.
         """
         tally = ledger.settle(
             smtp=self.smtp,
@@ -204,12 +212,28 @@ class FaultStack:
         )
         if recovery_started is not None:
             tally.recovery_seconds = round(time.monotonic() - recovery_started, 1)
+        if not [key for key in tally.lost_keys if key[0] not in excused]:
+            # Nothing is missing: let the queues drain, then count again, so a late
+            # duplicate (a redelivery still in flight) is in the row and in the check.
+            self.wait_drained()
+            final = ledger.tally(
+                smtp=self.smtp, http=self.http, archiver_url=self.chain.url("dlq-archiver")
+            )
+            final.recovery_seconds = tally.recovery_seconds
+            tally = final
         row = {**tally.row(), "duplicate_bound": duplicate_bound}
+        if allow_refused:
+            row["refused"] = len(ledger.refused)
         _rows.append(row)
         self.rows.append(row)
         assert tally.accepted > 0, "the scenario accepted nothing: it proves nothing"
-        assert not ledger.refused, f"registrations refused: {ledger.refused[:5]}"
-        assert tally.lost == 0, f"lost {tally.lost}: {tally.lost_keys[:10]}"
+        if allow_refused:
+            not_503 = [r for r in ledger.refused if r[0] != 503 or '"status":503' not in r[1]]
+            assert not not_503, f"refused other than with a 503 problem: {not_503[:5]}"
+        else:
+            assert not ledger.refused, f"registrations refused: {ledger.refused[:5]}"
+        unexcused = [key for key in tally.lost_keys if key[0] not in excused]
+        assert not unexcused, f"lost {len(unexcused)}: {unexcused[:10]}"
         assert tally.unexpected == 0, f"unexpected {tally.unexpected}: {tally.unexpected_keys[:10]}"
         assert tally.duplicates <= duplicate_bound, (
             f"{tally.duplicates} duplicates, more than the {duplicate_bound} in flight"
@@ -235,8 +259,15 @@ def fault_env() -> dict[str, dict[str, str]]:
 
 
 @pytest.fixture
+def fault_amqp_url(fault_broker: PrivateRabbitMQ) -> str:
+    """The AMQP URL the services get; override it to put something in between (a proxy)."""
+    return fault_broker.url
+
+
+@pytest.fixture
 def fault_stack(
     fault_env: dict[str, dict[str, str]],
+    fault_amqp_url: str,
     fault_broker: PrivateRabbitMQ,
     private_redis: PrivateRedis,
     services: ServiceRunner,
@@ -245,7 +276,7 @@ def fault_stack(
 ) -> Iterator[FaultStack]:
     chain = start_chain(
         services,
-        amqp_url=fault_broker.url,
+        amqp_url=fault_amqp_url,
         redis_url=private_redis.url,
         redis_prefix="courier:",
         smtp_sink=smtp_sink,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from datetime import UTC, datetime, timedelta
 
@@ -97,3 +98,28 @@ def test_reasons_with_different_ids_group_together() -> None:
     )
     assert a == b
     assert "example" not in a
+
+
+async def test_concurrent_replays_and_erasure_all_land_in_the_record(
+    redis_client: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    """Found by the fault suite (F9): six replays at once kept one entry in the history."""
+    archive = Archive(redis_client, prefix=redis_prefix)
+    stored = record(1)
+    assert await archive.insert(stored) is None
+
+    def erase(found: DeadLetterRecord) -> bool:
+        found.erased = True
+        found.body_b64 = base64.b64encode(b"{}").decode()
+        return True
+
+    await asyncio.gather(
+        *(archive.mark_replayed(stored.id, f"replay-{n}", None) for n in range(6)),
+        archive.update(stored.id, erase),
+    )
+    final = await archive.get(stored.id)
+    assert final is not None
+    assert sorted(r.replay_id for r in final.replays) == [f"replay-{n}" for n in range(6)]
+    assert final.erased, "a replay mark must not write the unredacted record back"
+    assert final.status == "replayed"
+    assert await archive.update("no-such-record", erase) is None

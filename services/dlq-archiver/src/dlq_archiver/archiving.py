@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from opentelemetry.trace import Span, Tracer
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from courier_common.failpoints import failpoint
 from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, new_event_id
 from courier_common.tracing import get_tracer, process_span
@@ -146,6 +147,7 @@ class ArchiveConsumer:
                 reason_class=record.reason_class,
                 reason=record.reason,
             )
+        failpoint("archiver.before_ack")
         try:
             await message.ack()
         except Exception as exc:  # the channel died: redelivery is deduplicated

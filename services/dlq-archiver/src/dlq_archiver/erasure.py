@@ -12,13 +12,24 @@ import json
 from courier_common.events import UserDeleted
 from courier_common.logging import get_logger, scrub_text
 from courier_common.messaging import Event, Router
-from dlq_archiver.records import mask
+from dlq_archiver.records import DeadLetterRecord, mask
 from dlq_archiver.store import Archive
 
 log = get_logger(__name__)
 
 ERASED = "[erased]"
 PERSONAL_FIELDS = ("email", "display_name", "phone", "push_token")
+
+
+def _erase(record: DeadLetterRecord) -> bool:
+    """Replace the personal fields of *record*; False when it was erased already."""
+    if record.erased:
+        return False
+    record.body_b64 = base64.b64encode(_redact_body(record.body)).decode()
+    record.reason = scrub_text(record.reason)
+    record.headers = mask(record.headers)
+    record.erased = True
+    return True
 
 
 def _redact_body(body: bytes) -> bytes:
@@ -46,14 +57,8 @@ class Eraser:
     async def on_user_deleted(self, event: Event[UserDeleted]) -> None:
         user_id = str(event.data.user_id)
         ids = await self.archive.user_record_ids(user_id)
-        for record in await self.archive.get_many(ids):
-            if record.erased:
-                continue
-            record.body_b64 = base64.b64encode(_redact_body(record.body)).decode()
-            record.reason = scrub_text(record.reason)
-            record.headers = mask(record.headers)
-            record.erased = True
-            await self.archive.save(record)
+        for record_id in ids:
+            await self.archive.update(record_id, _erase)
         if ids:
             await self.archive.audit("erase", what={"user_id": user_id}, count=len(ids))
         log.info("user_dead_letters_erased", user_id=user_id, count=len(ids))

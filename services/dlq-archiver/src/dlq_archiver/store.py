@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from courier_common.messaging import new_event_id
 from dlq_archiver.records import DeadLetterRecord, ReplayEntry
@@ -177,8 +178,40 @@ class Archive:
         return [DeadLetterRecord.model_validate_json(r) for r in raws if r is not None]
 
     async def save(self, record: DeadLetterRecord) -> None:
-        """Rewrite a record in place (status, replays, redaction); indexes do not change."""
+        """Rewrite a record in place (status, replays, redaction); indexes do not change.
+
+        Last writer wins: to change a record that others may change meanwhile (replays,
+        erasure), use `update`.
+        """
         await self.redis.set(self._rec(record.id), record.model_dump_json(), xx=True)
+
+    async def update(
+        self, record_id: str, change: Callable[[DeadLetterRecord], bool]
+    ) -> DeadLetterRecord | None:
+        """Read, change and write one record atomically (optimistic: WATCH, retried on races).
+
+        *change* mutates the record it is given and returns False to leave it as it was. Two
+        replays of one record at once both land in its history, and a replay marked while the
+        user's data is being erased cannot write the unredacted body back.
+        Returns the record as written (or as found), None when there is no such record.
+        """
+        key = self._rec(record_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        return None
+                    record = DeadLetterRecord.model_validate_json(raw)
+                    if not change(record):
+                        return record  # leaving the block resets the pipeline: unwatched
+                    pipe.multi()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                    pipe.set(key, record.model_dump_json(), xx=True)
+                    await pipe.execute()
+                    return record
+                except WatchError:
+                    continue
 
     async def delete(self, record_id: str) -> bool:
         return bool(await self._delete(keys=[self._rec(record_id)], args=[self.p]))
@@ -326,20 +359,24 @@ class Archive:
         return [{_s(k): _s(v) for k, v in fields.items()} for _, fields in entries or []]
 
     async def mark_replayed(self, record_id: str, replay_id: str, job_id: str | None) -> None:
-        record = await self.get(record_id)
-        if record is None:
-            return
-        record.status = "replayed"
-        record.replays.append(ReplayEntry(replay_id=replay_id, at=datetime.now(UTC), job_id=job_id))
-        await self.save(record)
+        entry = ReplayEntry(replay_id=replay_id, at=datetime.now(UTC), job_id=job_id)
+
+        def change(record: DeadLetterRecord) -> bool:
+            record.status = "replayed"
+            record.replays.append(entry)
+            return True
+
+        await self.update(record_id, change)
 
     async def mark_replay_failed(self, original_id: str, failed_id: str) -> None:
         """The replay of ``original_id`` died again as ``failed_id``: link them."""
-        record = await self.get(original_id)
-        if record is None:
+
+        def change(record: DeadLetterRecord) -> bool:
+            record.status = "replay-failed"
+            return True
+
+        if await self.update(original_id, change) is None:
             return
-        record.status = "replay-failed"
-        await self.save(record)
         await self.redis.sadd(f"{self.p}replay-failures:{original_id}", failed_id)
 
     async def replay_failures(self, original_id: str) -> list[str]:
