@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio
 
 from courier_common.messaging import IdempotencyStore, RetryableError
-from courier_common.messaging.idempotency import ClaimResult, track_skips
+from courier_common.messaging.idempotency import Claim, ClaimResult, track_skips
 
 
 @pytest.fixture
@@ -125,3 +125,32 @@ async def test_run_once_asks_for_a_retry_after_the_lease_when_still_held(
         await store.run_once(key, effect)
     assert caught.value.retry_after is not None
     assert 25 < caught.value.retry_after <= 30
+
+
+async def test_a_failing_done_mark_is_retried_not_the_effect(
+    redis_client: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    """Redis stalls just after the send: the done mark is retried, the send is not repeated."""
+
+    class FlakyDone(IdempotencyStore):
+        failures = 2
+
+        async def done(self, claim: Claim) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise redis.exceptions.TimeoutError("Timeout reading from socket")
+            return await super().done(claim)
+
+    store = FlakyDone(redis_client, prefix=redis_prefix, lease_seconds=5)
+    key = store.key("c", "evt-9")
+    sends: list[int] = []
+
+    async def send() -> int:
+        sends.append(1)
+        return len(sends)
+
+    assert await store.run_once(key, send) == 1
+    assert store.failures == 0
+    assert await store.is_done(key)
+    assert await store.run_once(key, send) is None
+    assert sends == [1]

@@ -39,7 +39,6 @@ from courier_common.messaging.publisher import (
     ATTEMPT_HEADER,
     OutgoingMessage,
     Publisher,
-    PublishError,
 )
 from courier_common.messaging.retry import PermanentError, RetryableError
 from courier_common.messaging.topology import DEAD_LETTER_EXCHANGE, DEFAULT_EXCHANGE, WorkQueue
@@ -259,7 +258,15 @@ class ConsumerRunner:
                 event_id=message.message_id, queue=self.queue.name, attempt=attempt
             ),
         ):
-            decision = await self._decide(message, headers, attempt, span)
+            try:
+                decision = await self._decide(message, headers, attempt, span)
+            except Exception as exc:
+                # Nothing may leave a delivery unsettled: it would hold a prefetch slot for
+                # good. The broker dead-letters it (to courier.dlx) without our diagnosis.
+                log.exception("message_handling_crashed", error=repr(exc))
+                record_failure(span, exc, error_type="crashed")
+                await self._reject(message)
+                decision = _Decision("dead_lettered", None, f"handling crashed: {exc!r}")
             elapsed = time.perf_counter() - started
             event_label = self.metrics.event_type_label(decision.event_type)
             self.metrics.consumed.labels(self.queue.name, event_label, decision.outcome).inc()
@@ -365,8 +372,8 @@ class ConsumerRunner:
             await self._republish(
                 message, DEFAULT_EXCHANGE, self.queue.retry_queue_name(delay), retry_headers
             )
-        except PublishError as publish_exc:
-            failed = f"retry publish failed ({publish_exc}); last error: {reason}"
+        except Exception as publish_exc:
+            failed = f"retry publish failed ({publish_exc!r}); last error: {reason}"
             return await self._dead_letter(
                 message, headers, attempt, FailureKind.RETRIES_EXHAUSTED, failed, exc, event_type
             )
@@ -403,14 +410,11 @@ class ConsumerRunner:
         routing_key = str(dead_headers[ORIGINAL_ROUTING_KEY]) or self.queue.name
         try:
             await self._republish(message, DEAD_LETTER_EXCHANGE, routing_key, dead_headers)
-        except PublishError as publish_exc:
+        except Exception as publish_exc:
             # Let the broker dead-letter it instead (at-least-once): the diagnosis headers are
             # lost, the message is not.
-            log.error("dead_letter_publish_failed", error=str(publish_exc), reason=reason)
-            try:
-                await message.reject(requeue=False)
-            except Exception as reject_exc:
-                log.warning("reject_failed", error=repr(reject_exc))
+            log.error("dead_letter_publish_failed", error=repr(publish_exc), reason=reason)
+            await self._reject(message)
             return _Decision("dead_lettered", event_type, reason)
         await self._ack(message)
         return _Decision("dead_lettered", event_type, reason)
@@ -431,11 +435,17 @@ class ConsumerRunner:
                 message_id=message.message_id or _body_id(message.body),
                 type=message.type,
                 content_type=message.content_type,
-                headers=headers,
+                headers=_encodable(headers),
                 timestamp=message.timestamp,
                 correlation_id=message.correlation_id,
             )
         )
+
+    async def _reject(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.reject(requeue=False)
+        except Exception as exc:  # the channel died: the broker redelivers it
+            log.warning("reject_failed", error=repr(exc))
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -444,6 +454,22 @@ class ConsumerRunner:
             # The channel died with the message unacked: the broker will redeliver it, and
             # idempotency turns the redelivery into a duplicate, not a second effect.
             log.warning("ack_failed", error=repr(exc))
+
+
+def _encodable(value: Any) -> Any:
+    """Header values as the AMQP encoder takes them back.
+
+    The decoder gives a long string that is not UTF-8 as ``bytes``, which the encoder refuses;
+    as ``bytearray`` it goes out as the same bytes (a byte array), so a foreign publisher's
+    odd header cannot stop its message from being retried or dead-lettered.
+    """
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {key: _encodable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(item) for item in value]
+    return value
 
 
 def _exception_name(exc: BaseException | None) -> str:

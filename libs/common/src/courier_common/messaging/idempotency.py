@@ -25,12 +25,16 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from courier_common.failpoints import failpoint
+from courier_common.logging import get_logger
 from courier_common.messaging.retry import RetryableError
 from courier_common.metrics import MessagingMetrics
 
 T = TypeVar("T")
+
+log = get_logger(__name__)
 
 DONE = b"done"
 _RELEASE_IF_OWNER = """
@@ -187,10 +191,30 @@ class IdempotencyStore:
             await self.release(claim)
             raise
         failpoint("idempotency.after_effect")
-        await self.done(claim)
+        await self._mark_done(claim)
         if tracker is not None:
             tracker.ran += 1
         return result
+
+    async def _mark_done(self, claim: Claim) -> None:
+        """Mark the claim done, retrying a failing Redis for as long as the lease runs.
+
+        The effect has happened: if marking it failed at once, the message would be retried
+        and the effect repeated (an email sent twice after a Redis stall). Only when Redis stays
+        away for the whole lease does the error propagate; the lease then lets the retry in.
+        """
+        deadline = time.monotonic() + self.lease_seconds
+        pause = 0.1
+        while True:
+            try:
+                await self.done(claim)
+                return
+            except RedisError as exc:
+                if time.monotonic() + pause >= deadline:
+                    raise
+                log.warning("idempotency_done_retrying", key=claim.key, error=repr(exc))
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
 
 def _as_bytes(value: object) -> bytes | None:
