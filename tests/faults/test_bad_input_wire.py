@@ -12,8 +12,8 @@ about 14 MiB each).
 
 Header values that are not UTF-8 are fine on a valid event (it is sent once) and on a message
 that must be dead-lettered (the runner republishes them as byte arrays). A header *name* that
-is not UTF-8 is a finding the client library cannot decode (the matrix test marked xfail,
-strict: it starts passing, and must lose the mark, when fixed).
+is not UTF-8 made the AMQP codec drop the connection and loop on the message; it is now read
+with U+FFFD for the bad bytes (courier_common.messaging._pamqp_compat) and dead-lettered.
 """
 
 from __future__ import annotations
@@ -321,14 +321,6 @@ async def test_non_utf8_header_values_on_a_bad_message_are_dead_lettered(
     await asyncio.to_thread(fault_stack.check, ledger)
 
 
-@pytest.mark.matrix
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding: a header NAME that is not UTF-8 makes pamqp fail to unmarshal the content "
-    "header frame (aiormq InvalidFrameError): the worker's connection drops, reconnects and gets "
-    "the same message again, stalling the queue until the broker's delivery limit dead-letters "
-    "it, and then the archiver's connection loops the same way (its queue has no limit).",
-)
 async def test_a_non_utf8_header_name_is_dead_lettered_and_the_worker_goes_on(
     fault_stack: FaultStack, events_exchange: AbstractExchange
 ) -> None:

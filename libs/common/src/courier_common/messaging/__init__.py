@@ -1,5 +1,6 @@
 """AMQP for Courier: topology, connection, confirmed publishing, the consumer runner."""
 
+from courier_common.messaging import _pamqp_compat  # noqa: F401  # tolerant header names
 from courier_common.messaging.connection import AmqpConnection
 from courier_common.messaging.consumer import ConsumerRunner, Delivery, Router, current_delivery
 from courier_common.messaging.envelope import (
