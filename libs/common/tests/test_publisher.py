@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from aio_pika.abc import AbstractRobustChannel
+from yarl import URL
 
 from courier_common.messaging import (
     OutgoingMessage,
     Publisher,
+    PublishError,
     PublishNackedError,
     UnroutableError,
     WorkQueue,
@@ -15,10 +19,12 @@ from courier_common.messaging import (
     new_event,
 )
 from courier_common.messaging.connection import AmqpConnection
+from courier_common.messaging.publisher import PublishConnectionError
 from courier_common.messaging.topology import DeclaredTopology, Topology
 from courier_common.metrics import MessagingMetrics
-from tests.support.helpers import get_all, ready_count
-from tests.support.messaging import Pinged
+from tests.support.helpers import eventually, get_all, ready_count
+from tests.support.messaging import TOPOLOGY, Pinged
+from tests.support.tcp_proxy import TcpProxy
 
 
 async def test_confirmed_publish_lands_in_its_queue(
@@ -86,3 +92,43 @@ async def test_batch_results_are_per_message_and_in_order(
     assert isinstance(results[7], UnroutableError)
     got = await get_all(channel, "notification.user-events", expect=199)
     assert len({m.message_id for m in got}) == 199
+
+
+@pytest.mark.slow
+async def test_a_connection_dropped_as_stuck_fails_the_publish_and_then_recovers(
+    amqp_url: str, metrics: MessagingMetrics
+) -> None:
+    """A broker that stops answering: once the heartbeat gives up, the publish waiting for its
+    confirm fails with a PublishError (aiormq cancels it; that must not cancel the caller),
+    and the same publisher works again after the reconnect."""
+    upstream = URL(amqp_url)
+    assert upstream.host is not None
+    assert upstream.port is not None
+    with TcpProxy(upstream.host, upstream.port) as proxy:
+        connection = await AmqpConnection(
+            str(upstream.with_port(proxy.port)),
+            client_name="stuck-test",
+            heartbeat=1,
+            reconnect_interval=0.2,
+        ).connect(timeout=10)
+        try:
+            await declare_topology(await connection.channel(), TOPOLOGY)
+            publisher = Publisher(await connection.channel(), metrics=metrics, confirm_timeout=60)
+            await publisher.publish_event(new_event(Pinged(n=1), source="t"))
+            proxy.blackhole()  # nothing answers any more, not even heartbeats
+            with pytest.raises(PublishConnectionError, match="dropped"):
+                await asyncio.wait_for(
+                    publisher.publish_event(new_event(Pinged(n=2), source="t")), 60
+                )
+            proxy.blackhole(False)
+
+            async def published() -> bool:
+                try:
+                    await publisher.publish_event(new_event(Pinged(n=3), source="t"))
+                except PublishError:
+                    return False
+                return True
+
+            await eventually(published, timeout=60, interval=0.5, what="a publish after it")
+        finally:
+            await connection.close()

@@ -89,6 +89,12 @@ class OutgoingMessage:
         )
 
 
+def _being_cancelled() -> bool:
+    """True when the current task itself was asked to stop (``Task.cancel()``)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Publisher:
     """Publishes on one confirm channel; the channel must have ``on_return_raises``."""
 
@@ -191,6 +197,15 @@ class Publisher:
             RuntimeError,
         ) as exc:
             raise PublishConnectionError(f"could not publish to {where}: {exc!r}") from exc
+        except asyncio.CancelledError as exc:
+            if _being_cancelled():
+                raise
+            # Not our task's cancellation: aiormq fails the pending confirm (and drain) with a
+            # CancelledError when it drops a connection it found stuck (no heartbeat). Let it
+            # through and a caller that only expects PublishError (the outbox relay) dies.
+            raise PublishConnectionError(
+                f"the connection was dropped while publishing to {where}"
+            ) from exc
 
     async def publish_event(
         self,
