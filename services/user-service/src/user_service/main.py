@@ -45,6 +45,14 @@ async def _supervise(relay: OutboxRelay) -> None:
             log.critical("outbox_relay_fatal", error=str(exc))
             os.kill(os.getpid(), signal.SIGTERM)
             return
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is None or current.cancelling():
+                raise  # shutting down
+            # A library cancelled something the relay awaited (aiormq does, dropping a hung
+            # connection): that is a crash to recover from, not our stop.
+            log.exception("outbox_relay_crashed")
+            await asyncio.sleep(1)
         except Exception:
             log.exception("outbox_relay_crashed")
             await asyncio.sleep(1)
