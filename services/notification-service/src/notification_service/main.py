@@ -155,6 +155,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await worker.runner.stop(timeout=settings.drain_timeout_seconds)
             await worker.backlog.stop()
             await connection.close()
+            await notifier.email.close()  # QUIT on the SMTP connections kept for reuse
             await http.aclose()
             await redis.aclose()
 

@@ -59,6 +59,9 @@ class Renderer:
             autoescape=select_autoescape(enabled_extensions=("html.j2",), default=False),
             undefined=StrictUndefined,
             keep_trailing_newline=False,
+            # Templates ship inside the package and never change while it runs: without
+            # this, every render stats the template file to see whether to reload it.
+            auto_reload=False,
         )
 
     def _render(self, locale: str, template: str, part: str, context: dict[str, Any]) -> str:
