@@ -8,7 +8,7 @@ UV ?= uv
 PYTEST_ARGS ?=
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: help setup run test test-fast faults lint fmt manifests dashboards clean
+.PHONY: help setup run test test-fast faults lint fmt manifests dashboards clean bench
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -28,11 +28,14 @@ test-fast: ## Tests without set-up or lint (services must already be up)
 faults: setup ## The full fault and bad-input matrix (private RabbitMQ/Redis); writes docs/faults-report.md
 	@$(UV) run --locked pytest tests/faults --fault-matrix --fault-report docs/faults-report.md $(PYTEST_ARGS)
 
+bench: setup ## Courier vs the bare stack, as ratios (installs wrk); writes bench/results/ (BENCH_ARGS=--quick)
+	@$(UV) run --locked python bench/run.py $(BENCH_ARGS)
+
 lint: ## ruff (lint + format check) and mypy (strict for libs/common)
 	@$(UV) run --locked ruff check .
 	@$(UV) run --locked ruff format --check .
 	@$(UV) run --locked mypy libs/common/src tools/sinks/src
-	@$(UV) run --locked mypy services/*/src tests libs/common/tests conftest.py scripts
+	@$(UV) run --locked mypy services/*/src tests libs/common/tests conftest.py scripts bench
 	@for d in services/*/tests tools/*/tests; do $(UV) run --locked mypy --config-file pyproject.toml $$d || exit 1; done
 
 fmt: ## Format and auto-fix what ruff can

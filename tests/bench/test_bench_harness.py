@@ -1,0 +1,200 @@
+"""The benchmark's pure parts: statistics, ratios, targets and the report it writes.
+
+`make bench` is not part of `make test` (it needs quiet cores and minutes); these tests keep
+its arithmetic and its report honest without running any load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.cases import _sent_latency_ms
+from bench.harness import summarize_collapsed
+from bench.report import (
+    RATIOS,
+    RatioSpec,
+    Report,
+    Target,
+    compute_rows,
+    fmt_summary,
+    percentile,
+    ratio,
+    render_markdown,
+    render_table,
+    summarize,
+)
+
+
+def test_summary_is_median_and_spread_of_the_repeats() -> None:
+    summary = summarize([3.0, 1.0, 2.0, 10.0, 4.0])
+    assert summary.n == 5
+    assert summary.median == 3.0
+    assert (summary.low, summary.high) == (1.0, 10.0)
+    assert (summary.q1, summary.q3) == (2.0, 4.0)
+    assert summary.spread_pct == pytest.approx(300.0)
+
+
+def test_summary_of_one_value_and_of_none() -> None:
+    one = summarize([7.5])
+    assert (one.n, one.median, one.low, one.high) == (1, 7.5, 7.5, 7.5)
+    empty = summarize([math.nan])
+    assert empty.n == 0
+    assert math.isnan(empty.median)
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile(values, 100) == 100.0
+    assert math.isnan(percentile([], 99))
+
+
+def test_ratio_is_courier_over_floor_and_nan_without_a_floor() -> None:
+    assert ratio(150.0, 100.0) == 1.5
+    assert math.isnan(ratio(1.0, 0.0))
+    assert math.isnan(ratio(math.nan, 2.0))
+
+
+@pytest.mark.parametrize(
+    ("target", "value", "met"),
+    [
+        (Target(">=", 0.75), 0.8, True),
+        (Target(">=", 0.75), 0.75, True),
+        (Target(">=", 0.75), 0.7, False),
+        (Target("<=", 3.0), 2.9, True),
+        (Target("<=", 3.0), 3.1, False),
+        (Target("<=", 3.0), math.nan, None),
+    ],
+)
+def test_targets_compare_the_ratio(target: Target, value: float, met: bool | None) -> None:
+    assert target.met(value) is met
+
+
+def test_rows_divide_medians_of_the_same_run() -> None:
+    measurements = {
+        "consume": {
+            "courier": {"msg_per_s": [700.0, 800.0, 900.0]},
+            "floor": {"msg_per_s": [1000.0, 1000.0, 5000.0]},
+        }
+    }
+    [row] = compute_rows(measurements, [r for r in RATIOS if r.name.startswith("one worker")])
+    assert row.ratio == pytest.approx(0.8)
+    assert row.met is True
+    assert row.target == "≥ 0.75x"
+
+
+def test_a_condition_can_fail_a_met_ratio() -> None:
+    spec = RatioSpec(
+        "register throughput",
+        ("register", "courier", "rps"),
+        ("register", "floor", "rps"),
+        "req/s",
+        "higher",
+        Target(">=", 1.0),
+        condition=("register", "courier", "backlog_bounded"),
+        condition_text="outbox backlog bounded",
+    )
+    bounded = {"rps": [120.0, 110.0, 130.0], "backlog_bounded": [1.0, 1.0, 0.0]}
+    unbounded = {"rps": [120.0, 110.0, 130.0], "backlog_bounded": [0.0, 0.0, 1.0]}
+    floor = {"rps": [100.0, 100.0, 100.0]}
+    [ok] = compute_rows({"register": {"courier": bounded, "floor": floor}}, [spec])
+    [bad] = compute_rows({"register": {"courier": unbounded, "floor": floor}}, [spec])
+    assert (ok.met, ok.condition_met) == (True, True)
+    assert (bad.met, bad.condition_met) == (False, False)
+
+
+def test_cases_that_did_not_run_have_no_row() -> None:
+    assert compute_rows({}) == []
+
+
+def test_the_table_shows_median_spread_ratio_and_verdict() -> None:
+    measurements = {
+        "paced": {
+            "courier": {"p99_ms": [30.0, 40.0, 35.0], "p50_ms": [5.0, 6.0, 7.0]},
+            "floor": {"p99_ms": [10.0, 10.0, 12.0], "p50_ms": [2.0, 2.0, 2.0]},
+        }
+    }
+    table = render_table(compute_rows(measurements))
+    p99 = next(line for line in table.splitlines() if line.startswith("| paced p99"))
+    assert "35.0 (30.0-40.0)" in p99
+    assert "3.50x" in p99
+    assert "≤ 3x" in p99
+    assert "**missed**" in p99
+    p50 = next(line for line in table.splitlines() if line.startswith("| paced p50"))
+    assert p50.endswith("| - |") or p50.endswith("|  | - |")
+
+
+def test_spread_is_not_shown_for_identical_repeats() -> None:
+    assert fmt_summary(summarize([2.0, 2.0, 2.0])) == "2.00"
+    assert fmt_summary(summarize([])) == "-"
+
+
+def _report(**overrides: object) -> Report:
+    fields: dict[str, object] = {
+        "started_at": "2026-01-01T00:00:00+00:00",
+        "mode": "quick",
+        "repeats": 3,
+        "machine": {"cores": 2, "cpu": "test", "python": "3.11", "loadavg_start": [0.5, 0, 0]},
+        "layout": {"service_cores": [0], "load_cores": [1], "shared": "unpinned"},
+        "config": {"seconds": 3.0},
+        "measurements": {
+            "register": {
+                "courier": {"rps": [1.0, 2.0, 3.0], "backlog_bounded": [1.0, 1.0, 1.0]},
+                "floor": {"rps": [2.0, 2.0, math.nan]},
+            }
+        },
+        "notes": ["a note"],
+    }
+    fields.update(overrides)
+    return Report(**fields)  # type: ignore[arg-type]
+
+
+def test_the_markdown_report_says_how_it_was_measured() -> None:
+    text = render_markdown(_report())
+    assert text.startswith("# Courier benchmark, 2026-01-01")
+    assert "Mode: **quick**, 3 repeats" in text
+    assert "services and floors on [0], load generator and sinks on [1]" in text
+    assert "| register throughput" in text
+    assert "## Every figure" in text
+    assert "- a note" in text
+
+
+def test_the_json_report_is_json_with_nan_as_null() -> None:
+    document = json.loads(_report().to_json())
+    assert document["measurements"]["register"]["floor"]["rps"] == [2.0, 2.0, None]
+    [row] = [r for r in document["ratios"] if r["name"] == "register throughput"]
+    assert row["ratio"] == pytest.approx(1.0)
+    assert row["met"] is True
+
+
+def test_profile_summary_counts_the_event_loop_thread_only(tmp_path: Path) -> None:
+    collapsed = tmp_path / "p.collapsed"
+    collapsed.write_text(
+        "<module> (user-service:10);run (courier_common/http.py:5);emit (logging/__init__.py:9) 3\n"
+        "<module> (user-service:10);run (courier_common/http.py:5);sub (re/__init__.py:1) 1\n"
+        "Thread._bootstrap (threading.py:1002);wait (threading.py:320) 50\n"
+    )
+    summary = summarize_collapsed(collapsed)
+    assert "event-loop thread samples: 4 (other threads: 50" in summary
+    assert " 75.0%  emit (logging/__init__.py)" in summary
+    assert "100.0%  courier_common.http" in summary
+
+
+def test_paced_latency_reads_the_send_time_from_the_address() -> None:
+    message = {
+        "rcpt_tos": ["p1000-tok-1-5@bench.example.com"],
+        "received_at": "1970-01-01T00:00:01.250Z",
+    }
+    assert _sent_latency_ms(message) == pytest.approx(250.0)
+    assert math.isnan(_sent_latency_ms({"rcpt_tos": ["b-x@y.z"], "received_at": "x"}))
+
+
+def test_the_wrk_script_reports_one_bench_line() -> None:
+    script = (Path(__file__).resolve().parents[2] / "bench" / "lua" / "register.lua").read_text()
+    assert "BENCH {" in script
+    assert "function request()" in script
