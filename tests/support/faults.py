@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
@@ -100,10 +101,17 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _scenario_order(row: dict[str, Any]) -> tuple[str, int, str]:
+    """B1 < B2 < F1 < F2 < F10: the issue's numbering, not the string order."""
+    name = str(row["scenario"])
+    match = re.match(r"([A-Z])(\d+)", name)
+    return (match[1], int(match[2]), name) if match else ("~", 0, name)
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     if not _rows:
         return
-    rows = sorted(_rows, key=lambda r: str(r["scenario"]))
+    rows = sorted(_rows, key=_scenario_order)
     table = render_table(rows)
     target = Path(config.getoption("--fault-report") or DEFAULT_REPORT)
     target.parent.mkdir(parents=True, exist_ok=True)
