@@ -78,6 +78,13 @@ async def test_a_replay_that_fails_again_comes_back_linked(
     items = await wait_records(archiver, 2)
     again = next(i for i in items if i["id"] != original["id"])
     assert again["replay_of"] == original["id"]
+
+    # The new record is listed as soon as it is stored; the link to the original follows.
+    async def linked() -> bool:
+        record = (await archiver.get(f"/v1/dead-letters/{original['id']}")).json()
+        return bool(record["replay_failures"])
+
+    await eventually(linked, what="the failed replay linked to its record")
     record = (await archiver.get(f"/v1/dead-letters/{original['id']}")).json()
     assert record["status"] == "replay-failed"
     assert record["replay_failures"] == [again["id"]]

@@ -3,7 +3,8 @@
 This consumer cannot use the envelope-decoding runner: a dead letter may be any bytes, and
 dead-lettering a dead letter would loop. It stores, then acks. When Redis is unavailable it
 keeps the message (unacked) and retries the store with backoff: a dead letter leaves the
-queue only once it is in the archive.
+queue only once it is in the archive. On shutdown it stops retrying and leaves such a message
+unacked, so the broker delivers it again (to this archiver's successor).
 
 Each delivery is handled in a ``process courier.dead-letters`` span whose parent is the
 dead-letter publish (from the message's ``traceparent``), so the archive closes the trace of
@@ -26,6 +27,7 @@ from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, new_event_id
 from courier_common.tracing import get_tracer, process_span
 from dlq_archiver.records import DeadLetterRecord, from_message
+from dlq_archiver.shutdown import cancel_and_wait, pause
 from dlq_archiver.store import Archive, id_time
 
 log = get_logger(__name__)
@@ -92,6 +94,7 @@ class ArchiveConsumer:
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
 
     async def start(self) -> None:
         channel = await self.connection.channel(prefetch=self.prefetch)
@@ -127,17 +130,28 @@ class ArchiveConsumer:
                 existing = await self.archive.insert(record)
                 break
             except redis.exceptions.RedisError as exc:
+                if self._stopping.is_set():
+                    span.set_attribute(OUTCOME_ATTRIBUTE, "left_for_redelivery")
+                    log.warning(
+                        "dead_letter_left_for_redelivery",
+                        message_id=record.message_id,
+                        error=repr(exc),
+                    )
+                    return  # unacked: the broker delivers it again once the channel closes
                 log.warning("archive_store_failed", error=repr(exc), retry_in_s=delay)
-                await asyncio.sleep(delay)
+                await pause(self._stopping, delay)
                 delay = min(delay * 2, 5.0)
         if existing is not None:
             span.set_attributes({RECORD_ID_ATTRIBUTE: existing, OUTCOME_ATTRIBUTE: "duplicate"})
             self.metrics.duplicates.inc()
+            await self._link_replay(record, existing)  # the first delivery may have stopped short
             log.info("dead_letter_duplicate", record_id=existing, message_id=record.message_id)
         else:
             span.set_attributes({RECORD_ID_ATTRIBUTE: record.id, OUTCOME_ATTRIBUTE: "archived"})
             self.metrics.archived.labels(record.source_queue, record.reason_class).inc()
-            await self._link_replay(record)
+            await self._link_replay(record, record.id)
+            if record.replay_of:
+                self.metrics.replays.labels("failed_again").inc()
             log.info(
                 "dead_letter_archived",
                 record_id=record.id,
@@ -153,25 +167,41 @@ class ArchiveConsumer:
         except Exception as exc:  # the channel died: redelivery is deduplicated
             log.warning("archive_ack_failed", error=repr(exc))
 
-    async def _link_replay(self, record: DeadLetterRecord) -> None:
-        """A replayed message that failed again points back to the record it was replayed from."""
+    async def _link_replay(self, record: DeadLetterRecord, record_id: str) -> None:
+        """A replayed message that failed again points back to the record it was replayed from.
+
+        Idempotent, so a redelivery of the same dead letter (recognised as ``record_id``, the
+        record stored the first time) completes a link its first delivery did not finish.
+        """
         if not record.replay_of:
             return
-        await self.archive.mark_replay_failed(record.replay_of, record.id)
+        await self.archive.mark_replay_failed(record.replay_of, record_id)
         if record.replay_id and "." in record.replay_id:
             job_id = record.replay_id.split(".", 1)[0]
-            await self.archive.record_job_failure(job_id, record.id)
-        self.metrics.replays.labels("failed_again").inc()
+            await self.archive.record_job_failure(job_id, record_id)
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, timeout: float = 10.0) -> bool:
+        """Stop taking dead letters and let the ones in hand finish, within ``timeout``.
+
+        True when every one finished. Whatever did not is cancelled unacked: the broker
+        delivers it again, and the archive recognises what it already stored.
+        """
+        self._stopping.set()
         if self._queue is not None and self._tag is not None:
             try:
                 await self._queue.cancel(self._tag)
             except Exception as exc:
                 log.warning("archiver_cancel_failed", error=repr(exc))
             self._tag = None
+        drained = True
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=timeout)
+            log.info("archiver_draining", in_flight=len(self._tasks))
+            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+            if pending:
+                drained = False
+                await cancel_and_wait(pending)
+        log.info("archiver_stopped", queue=self.queue_name, drained=drained)
+        return drained
 
     async def update_gauges(self, top_groups: int) -> None:
         self.metrics.archive_size.set(await self.archive.size())

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -38,6 +37,7 @@ from dlq_archiver.archiving import ArchiveConsumer, ArchiverMetrics
 from dlq_archiver.config import Settings
 from dlq_archiver.erasure import Eraser
 from dlq_archiver.replay import Replayer
+from dlq_archiver.shutdown import cancel_and_wait, pause
 from dlq_archiver.store import Archive
 
 log = get_logger(__name__)
@@ -45,7 +45,7 @@ SERVICE = "dlq-archiver"
 
 
 class Workers:
-    """Everything that talks to the broker; started in the background, stopped in order."""
+    """Everything that talks to the broker; started in the background, stopped together."""
 
     def __init__(
         self,
@@ -78,6 +78,7 @@ class Workers:
         self.archiver_metrics = archiver_metrics
         self.messaging_metrics = messaging_metrics
         self.started = asyncio.Event()
+        self.stopping = asyncio.Event()
 
     async def start(self) -> None:
         try:
@@ -101,11 +102,11 @@ class Workers:
         self.started.set()
 
     async def housekeeping(self) -> None:
-        """Retention trimming and the archive gauges, forever."""
+        """Retention trimming and the archive gauges, until the workers stop."""
         settings = self.settings
         next_trim = 0.0
         loop = asyncio.get_running_loop()
-        while True:
+        while not self.stopping.is_set():
             try:
                 if loop.time() >= next_trim:
                     removed = await self.archive.trim(
@@ -123,14 +124,24 @@ class Workers:
                 await self.consumer.update_gauges(settings.top_groups_metric)
             except Exception:
                 log.exception("housekeeping_failed")
-            await asyncio.sleep(settings.gauges_interval_seconds)
+            await pause(self.stopping, settings.gauges_interval_seconds)
 
     async def stop(self) -> None:
+        """Stop replay jobs and both consumers at once, each within the drain timeout.
+
+        In-flight dead letters are archived and acked, or left unacked for redelivery (the
+        archive deduplicates); a replay job stops between two replays, marked interrupted.
+        Safe to call when :meth:`start` did not finish: what never started has nothing to stop.
+        """
+        self.stopping.set()
+        drain = self.settings.drain_timeout_seconds
+        stops: list[Awaitable[object]] = [
+            self.consumer.stop(timeout=drain),
+            self.eraser.stop(timeout=drain),
+        ]
         if self.replayer is not None:
-            await self.replayer.stop()
-        if self.started.is_set():
-            await self.consumer.stop()
-            await self.eraser.stop(timeout=self.settings.drain_timeout_seconds)
+            stops.append(self.replayer.stop(timeout=drain))
+        await asyncio.gather(*stops)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -155,10 +166,8 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            for task in (starting, housekeeping):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            workers.stopping.set()
+            await cancel_and_wait([starting, housekeeping])
             await workers.stop()
             await connection.close()
             await redis.aclose()

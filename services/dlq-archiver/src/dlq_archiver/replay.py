@@ -8,7 +8,8 @@ replay that fails again comes back linked to its record.
 A bulk job is paced (``rate_per_second``), starts with a canary (replay the first N, watch them
 for ``canary_wait_seconds``, go on only if they did not die again) and halts when the share
 of replays that died again passes ``max_failure_rate``. What a halted job did not replay stays
-in the archive, untouched.
+in the archive, untouched. When the archiver shuts down, a job stops between two replays and
+is marked ``interrupted``.
 
 Tracing: a replay belongs to the operator's trace, not the dead letter's. Each one is a
 ``replay dead letter`` span — a child of the API request, or of the ``bulk replay`` span of its
@@ -19,7 +20,6 @@ of that span, and the replayed message carries the replay's context, not the ori
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,6 +43,7 @@ from courier_common.tracing import (
 )
 from dlq_archiver.archiving import RECORD_ID_ATTRIBUTE, ArchiverMetrics
 from dlq_archiver.records import DeadLetterRecord
+from dlq_archiver.shutdown import cancel_and_wait, pause
 from dlq_archiver.store import Archive, Filter
 
 log = get_logger(__name__)
@@ -96,6 +97,7 @@ class Replayer:
         self.metrics = metrics
         self.tracer = tracer or get_tracer("dlq_archiver")
         self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._stopping = asyncio.Event()
 
     async def replay(self, record: DeadLetterRecord, *, job_id: str | None = None) -> str:
         """Republish one record to its original exchange and routing key; the replay id.
@@ -206,16 +208,26 @@ class Replayer:
             )
             log.warning("bulk_replay_halted", job_id=job_id, reason=reason, replayed=replayed)
 
+        async def interrupted() -> None:
+            await self.archive.update_job(
+                job_id, status="interrupted", replayed=replayed, refused=refused
+            )
+            log.warning("bulk_replay_interrupted", job_id=job_id, replayed=replayed)
+
         try:
             for index, record_id in enumerate(ids):
                 if index == canary and canary:
-                    failed = await self._watch_canary(job_id, canary, request)
-                    if failed > request.max_failure_rate * canary:
-                        await halt(f"{failed} of {canary} canary replays failed again")
+                    failed = await self._watch_canary(job_id, replayed, request)
+                    if self._stopping.is_set():  # the verdict may be unfinished: no halt
+                        await interrupted()
                         return
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                    if failed > request.max_failure_rate * replayed:
+                        await halt(f"{failed} of {replayed} canary replays failed again")
+                        return
+                await pause(self._stopping, next_at - time.monotonic())
+                if self._stopping.is_set():  # the archiver is stopping: the rest stays untouched
+                    await interrupted()
+                    return
                 next_at = max(next_at + interval, time.monotonic())
                 record = await self.archive.get(record_id)
                 if record is None:  # purged meanwhile
@@ -246,24 +258,41 @@ class Replayer:
         except PublishError as exc:
             await halt(f"publishing failed: {exc}")
         except asyncio.CancelledError:
-            await self.archive.update_job(
-                job_id, status="interrupted", replayed=replayed, refused=refused
-            )
+            await interrupted()
             raise
 
-    async def _watch_canary(self, job_id: str, canary: int, request: BulkReplayRequest) -> int:
-        """Wait for the canary's verdict; return early once it has clearly failed."""
-        await self.archive.update_job(job_id, replayed=canary, phase="canary")
+    async def _watch_canary(self, job_id: str, replayed: int, request: BulkReplayRequest) -> int:
+        """Wait for the canary's verdict: how many of its ``replayed`` replays failed again.
+
+        Only failures can be observed (a replay that worked sends no word back), so the watch
+        ends either when ``canary_wait_seconds`` pass or as soon as the failures seen are past
+        ``max_failure_rate``: more failures could only confirm that verdict, never reverse it.
+        Canary replays still on their way to the dead-letter queue then are not lost: they are
+        linked to the job as they arrive, and its ``failed_again`` counts them.
+        """
+        await self.archive.update_job(job_id, replayed=replayed, phase="canary")
         deadline = time.monotonic() + request.canary_wait_seconds
         failed = await self.archive.job_failed_again(job_id)
-        while time.monotonic() < deadline and failed <= request.max_failure_rate * canary:
-            await asyncio.sleep(0.2)
+        while (
+            time.monotonic() < deadline
+            and failed <= request.max_failure_rate * replayed
+            and not self._stopping.is_set()
+        ):
+            await pause(self._stopping, 0.2)
             failed = await self.archive.job_failed_again(job_id)
         await self.archive.update_job(job_id, phase="bulk")
         return failed
 
-    async def stop(self) -> None:
-        for task in list(self._jobs.values()):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Stop every job between two replays (marked interrupted), within ``timeout``.
+
+        A job still busy after that (a publish waiting for its confirm) is cancelled; it is
+        marked interrupted all the same.
+        """
+        self._stopping.set()
+        jobs = list(self._jobs.values())
+        if not jobs:
+            return
+        _, pending = await asyncio.wait(jobs, timeout=timeout)
+        if pending:
+            await cancel_and_wait(pending)
