@@ -234,9 +234,7 @@ class ConsumerRunner:
                 await asyncio.wait_for(self._idle.wait(), timeout)
             except TimeoutError:
                 drained = False
-                for task in list(self._tasks):
-                    task.cancel()
-                await asyncio.gather(*self._tasks, return_exceptions=True)
+                await _cancel_all(self._tasks)
         log.info("consumer_stopped", queue=self.queue.name, drained=drained)
         return drained
 
@@ -454,6 +452,25 @@ class ConsumerRunner:
             # The channel died with the message unacked: the broker will redeliver it, and
             # idempotency turns the redelivery into a duplicate, not a second effect.
             log.warning("ack_failed", error=repr(exc))
+
+
+async def _cancel_all(tasks: set[asyncio.Task[None]], *, within: float = 5.0) -> None:
+    """Cancel *tasks* and wait for them, cancelling again while any is still running.
+
+    On Python 3.11 ``asyncio.wait_for`` (redis-py sends every command through it) can swallow a
+    cancellation that lands as the awaited call completes (CPython gh-86296), so one cancel
+    is not always enough. Gives up after *within* seconds: what is left is unacked anyway and
+    the broker redelivers it once the connection closes.
+    """
+    deadline = asyncio.get_running_loop().time() + within
+    pending = [task for task in tasks if not task.done()]
+    while pending and asyncio.get_running_loop().time() < deadline:
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=0.1)
+        pending = [task for task in pending if not task.done()]
+    if pending:
+        log.warning("consumer_tasks_not_cancelled", count=len(pending))
 
 
 def _encodable(value: Any) -> Any:
