@@ -6,5 +6,6 @@ pytest_plugins = [
     "tests.support.processes",
     "tests.support.stack",
     "tests.support.archiver",
+    "tests.support.chain",
     "tests.support.faults",
 ]

@@ -31,38 +31,15 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from courier_sinks.http import HttpSink
-from courier_sinks.smtp import SmtpSink
 from tests.support.archiver import ADMIN
-from tests.support.chain import Chain, start_chain
+from tests.support.chain import Chain
 from tests.support.faults import add_report_row
 from tests.support.helpers import user_payload
-from tests.support.processes import ServiceRunner
 
 pytestmark = pytest.mark.fault
 
 MIB = 1024 * 1024
 MARKER = "b2zq"  # in every payload; it appears nowhere in Courier's own messages
-
-
-@pytest.fixture
-def chain(
-    services: ServiceRunner,
-    amqp_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    smtp_sink: SmtpSink,
-    http_sink: HttpSink,
-) -> Chain:
-    """The services on the shared broker and Redis (nothing is faulted here but the input)."""
-    return start_chain(
-        services,
-        amqp_url=amqp_url,
-        redis_url=redis_url,
-        redis_prefix=redis_prefix,
-        smtp_sink=smtp_sink,
-        http_sink=http_sink,
-    )
 
 
 @dataclass(frozen=True)

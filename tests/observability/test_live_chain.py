@@ -149,16 +149,6 @@ def test_alert_signals_are_split_as_intended() -> None:
 # --- the live system --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[PrivateRabbitMQ]:
-    node = PrivateRabbitMQ(tmp_path / "rabbitmq", management=True)
-    try:
-        node.start()
-        yield node
-    finally:
-        node.close()
-
-
 def scrape_config(chain: Chain, broker: PrivateRabbitMQ) -> dict[str, Any]:
     jobs: list[dict[str, Any]] = [
         {
@@ -234,13 +224,14 @@ def wait_for_series(prometheus: PrometheusServer, exprs: list[str], timeout: flo
 
 def test_every_dashboard_alert_and_autoscaling_query_returns_data(
     tmp_path: Path,
-    broker: PrivateRabbitMQ,
+    fault_broker: PrivateRabbitMQ,
     services: ServiceRunner,
     redis_url: str,
     redis_prefix: str,
     smtp_sink: SmtpSink,
     http_sink: HttpSink,
 ) -> None:
+    broker = fault_broker  # a private node with the management and prometheus plugins
     management = f"http://guest:guest@127.0.0.1:{broker.management_port}"
     chain = start_chain(
         services,

@@ -14,14 +14,11 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
 from tests.support.archiver import ADMIN
-from tests.support.chain import SERVICES, Chain, start_chain
-from tests.support.processes import ServiceRunner
+from tests.support.chain import SERVICES, Chain
 from tests.support.prometheus import require_binary
 
 CATALOG = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
@@ -67,25 +64,6 @@ def test_the_catalog_parses() -> None:
     assert "courier_outbox_backlog" in entries["user-service"]
     assert "courier_notifications_total" in entries["notification-service"]
     assert "courier_dead_letters_archived_total" in entries["dlq-archiver"]
-
-
-@pytest.fixture
-def chain(
-    services: ServiceRunner,
-    amqp_url: str,
-    redis_url: str,
-    redis_prefix: str,
-    smtp_sink: SmtpSink,
-    http_sink: HttpSink,
-) -> Chain:
-    return start_chain(
-        services,
-        amqp_url=amqp_url,
-        redis_url=redis_url,
-        redis_prefix=redis_prefix,
-        smtp_sink=smtp_sink,
-        http_sink=http_sink,
-    )
 
 
 def drive_traffic(chain: Chain, smtp_sink: SmtpSink) -> None:

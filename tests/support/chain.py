@@ -1,7 +1,8 @@
 """The three Courier services as real processes, wired to one broker, Redis and the sinks.
 
 What `make run` starts, minus honcho: each service is its console script with its environment,
-so tests see exactly what an operator's Prometheus or tracing backend would see.
+so tests see exactly what an operator's Prometheus or tracing backend would see. Loaded as a
+pytest plugin by the root conftest (fixture ``chain``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import httpx
+import pytest
 
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
@@ -92,3 +94,23 @@ def start_chain(
         for name in SERVICES
     }
     return Chain(processes=processes)
+
+
+@pytest.fixture
+def chain(
+    services: ServiceRunner,
+    amqp_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    smtp_sink: SmtpSink,
+    http_sink: HttpSink,
+) -> Chain:
+    """The three services on the shared broker (the test's vhost) and Redis (its prefix)."""
+    return start_chain(
+        services,
+        amqp_url=amqp_url,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        smtp_sink=smtp_sink,
+        http_sink=http_sink,
+    )
