@@ -35,8 +35,10 @@ class DurableTap:
             try:
                 while (message := await self.queue.get(no_ack=True, fail=False)) is not None:
                     self.messages.append(message)
-            except aiormq.exceptions.AMQPError:
-                return False  # the tap's own channel is still reconnecting after the restart
+            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError):
+                # The tap's own channel is still closed or reconnecting after the restart
+                # (ChannelInvalidStateError is a RuntimeError, not an AMQPError).
+                return False
             return len(self.messages) >= count
 
         await eventually(enough, timeout=timeout, interval=0.2, what=f"{count} events")
