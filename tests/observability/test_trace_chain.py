@@ -33,7 +33,8 @@ from courier_common.tracing import (
 )
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
-from tests.support.archiver import ADMIN, ADMIN_TOKEN, wait_records
+from tests.support.archiver import ADMIN, wait_records
+from tests.support.chain import SERVICES, start_chain
 from tests.support.helpers import eventually
 from tests.support.otlp import (
     ReceivedSpan,
@@ -44,7 +45,7 @@ from tests.support.otlp import (
     otlp_receiver,
 )
 from tests.support.processes import ServiceProcess, ServiceRunner
-from tests.support.stack import MAX_ATTEMPTS, RETRY_DELAYS
+from tests.support.stack import RETRY_DELAYS
 
 pytestmark = pytest.mark.slow
 
@@ -108,31 +109,19 @@ def traced(
 ) -> Traced:
     """SMS goes to ``http_sink``, push to ``push_sink``, email to ``smtp_sink``."""
     receiver, port = otlp
-    common = {
-        "COURIER_AMQP_URL": amqp_url,
-        "COURIER_REDIS_URL": redis_url,
-        "COURIER_REDIS_PREFIX": redis_prefix,
-        "COURIER_RETRY_DELAYS_SECONDS": str(RETRY_DELAYS),
-        "COURIER_RETRY_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
-        **otlp_env(port),
-    }
-    own = {
-        "notification-service": {
-            "COURIER_SMTP_PORT": str(smtp_sink.port),
-            "COURIER_SMS_URL": f"{http_sink.url}/sms",
-            "COURIER_PUSH_URL": f"{push_sink.url}/push",
-            "COURIER_SMS_TOKEN": TOKEN,
-            "COURIER_PUSH_TOKEN": TOKEN,
-            "COURIER_IDEMPOTENCY_LEASE_SECONDS": "5",
-        },
-        "dlq-archiver": {"COURIER_ADMIN_TOKEN": ADMIN_TOKEN},
-        "user-service": {"COURIER_OUTBOX_BLOCK_MS": "50"},
-    }
-    # Consumers first, so the registration's event never waits for a queue.
-    processes = {
-        name: services.start(name, {**common, "OTEL_SERVICE_NAME": name, **env})
-        for name, env in own.items()
-    }
+    named = {name: {"OTEL_SERVICE_NAME": name} for name in SERVICES}
+    named["notification-service"]["COURIER_PUSH_URL"] = f"{push_sink.url}/push"
+    chain = start_chain(
+        services,
+        amqp_url=amqp_url,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        smtp_sink=smtp_sink,
+        http_sink=http_sink,
+        extra_env=otlp_env(port),
+        service_env=named,
+    )
+    processes = chain.processes
     return Traced(receiver, processes)
 
 
