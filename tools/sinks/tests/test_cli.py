@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from email.message import EmailMessage
 from pathlib import Path
@@ -18,7 +19,7 @@ import aiosmtplib
 import httpx
 import pytest
 
-from courier_sinks import SinkControl
+from courier_sinks import SinkControl, SmtpSink, cli
 
 STARTUP_SECONDS = 15
 EXIT_SECONDS = 10
@@ -87,7 +88,8 @@ def started(tmp_path: Path) -> Iterator[list[SinkProcess]]:
 
 SMTP_BANNER = re.compile(
     r"smtp-sink: SMTP on 127\.0\.0\.1:(?P<port>\d+), "
-    r"control (?P<control>http://127\.0\.0\.1:\d+)/_sink/messages, storing (?P<store>\S+)$"
+    r"control (?P<control>http://127\.0\.0\.1:\d+)/_sink/messages, storing (?P<store>.+?)"
+    r"(?:, answering after (?P<delay>\d+) ms)?(?P<lean>, lean records \(no MIME parse\))?$"
 )
 HTTP_BANNER = re.compile(
     r"http-sink: HTTP on (?P<url>http://127\.0\.0\.1:\d+) \(POST /sms, /push or any /<path>\), "
@@ -100,6 +102,8 @@ async def test_smtp_sink_process(tmp_path: Path, started: list[SinkProcess]) -> 
     started.append(sink)
     match = SMTP_BANNER.match(sink.banner)
     assert match, sink.banner
+    assert not match["delay"]
+    assert not match["lean"]
     # The default store is relative to the working directory, its folders created.
     assert match["store"] == "var/sinks/smtp.jsonl"
     store = tmp_path / "var" / "sinks" / "smtp.jsonl"
@@ -190,3 +194,116 @@ def test_smtp_control_port_in_use(tmp_path: Path, started: list[SinkProcess]) ->
         started.append(sink)
         assert sink.process.wait(EXIT_SECONDS) == 1
     assert "smtp-sink: cannot listen:" in sink.stderr
+
+
+async def test_slow_lean_smtp_sink_process_from_the_environment(
+    tmp_path: Path, started: list[SinkProcess]
+) -> None:
+    env = {
+        "COURIER_SINK_SMTP_PORT": "0",
+        "COURIER_SINK_SMTP_CONTROL_PORT": "0",
+        "COURIER_SINK_SMTP_STORE": "",
+        "COURIER_SINK_SMTP_DELAY_MS": "300",
+        "COURIER_SINK_SMTP_PARSE": "0",
+    }
+    sink = SinkProcess("courier-smtp-sink", [], tmp_path, env)
+    started.append(sink)
+    match = SMTP_BANNER.match(sink.banner)
+    assert match, sink.banner
+    assert match["store"] == "in memory"
+    assert match["delay"] == "300"
+    assert match["lean"]
+
+    message = EmailMessage()
+    message["From"] = "noreply@courier.test"
+    message["To"] = "ada@example.com"
+    message["Subject"] = "Grüße"
+    message["Message-ID"] = "<lean-cli-test@courier.test>"
+    message.set_content("hello")
+    before = time.monotonic()
+    await aiosmtplib.send(message, hostname="127.0.0.1", port=int(match["port"]))
+    assert time.monotonic() - before >= 0.3
+    with SinkControl(match["control"]) as control:
+        [stored] = control.messages()
+    assert stored["subject"] == "Grüße"
+    assert stored["message_id"] == "<lean-cli-test@courier.test>"
+    assert (stored["headers"], stored["text"]) == ({}, None)
+    assert sink.stop() == 0
+    assert "smtp-sink: accepted <lean-cli-test@courier.test> for 1 recipient(s)" in sink.stderr
+
+
+@pytest.fixture
+def smtp_options(monkeypatch: pytest.MonkeyPatch) -> list[SmtpSink]:
+    """`courier-smtp-sink`'s option parsing, in process: the sinks it would have served."""
+    for name in os.environ:
+        if name.startswith("COURIER_SINK_"):
+            monkeypatch.delenv(name)
+    built: list[SmtpSink] = []
+
+    def serve(_name: str, sink: SmtpSink, _banner: object) -> int:
+        built.append(sink)
+        return 0
+
+    monkeypatch.setattr(cli, "_serve_with", serve)
+    monkeypatch.setattr(cli, "_configure_logging", lambda _level: None)
+    return built
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "delay_ms", "parse"),
+    [
+        ([], {}, 0, True),
+        (["--delay-ms", "20", "--no-parse"], {}, 20, False),
+        (["--delay-ms=600000", "--parse"], {}, 600_000, True),
+        ([], {"COURIER_SINK_SMTP_DELAY_MS": "15", "COURIER_SINK_SMTP_PARSE": "0"}, 15, False),
+        ([], {"COURIER_SINK_SMTP_PARSE": "Yes"}, 0, True),
+        ([], {"COURIER_SINK_SMTP_PARSE": "off"}, 0, False),
+        # The option wins over the environment.
+        (
+            ["--parse", "--delay-ms", "0"],
+            {"COURIER_SINK_SMTP_PARSE": "false", "COURIER_SINK_SMTP_DELAY_MS": "9"},
+            0,
+            True,
+        ),
+    ],
+)
+def test_smtp_delay_and_parse_options(
+    smtp_options: list[SmtpSink],
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    env: dict[str, str],
+    delay_ms: int,
+    parse: bool,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.smtp_main(["--port", "0", "--control-port", "0", "--store", "", *argv]) == 0
+    [sink] = smtp_options
+    assert (sink.delay_ms, sink.parse) == (delay_ms, parse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "error"),
+    [
+        (["--delay-ms", "-1"], {}, "argument --delay-ms: must be a whole number of milliseconds"),
+        (["--delay-ms", "600001"], {}, "from 0 to 600000"),
+        (["--delay-ms", "1.5"], {}, "not '1.5'"),
+        ([], {"COURIER_SINK_SMTP_DELAY_MS": "soon"}, "COURIER_SINK_SMTP_DELAY_MS), not 'soon'"),
+        ([], {"COURIER_SINK_SMTP_PARSE": "maybe"}, "COURIER_SINK_SMTP_PARSE must be"),
+    ],
+)
+def test_bad_smtp_delay_and_parse_options(
+    smtp_options: list[SmtpSink],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    env: dict[str, str],
+    error: str,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        cli.smtp_main(["--port", "0", "--store", "", *argv])
+    assert exited.value.code == 2
+    assert error in capsys.readouterr().err
+    assert smtp_options == []

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
+import time
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import make_msgid
+from pathlib import Path
 
 import aiosmtplib
 import httpx
 import pytest
 
 from courier_sinks import SinkControl, SmtpSink
-from courier_sinks.mail import parse_mail
+from courier_sinks.mail import parse_mail, parse_mail_headers
 
 
 def _plain(to: str = "ada@example.com", subject: str = "Welcome") -> EmailMessage:
@@ -217,6 +220,142 @@ def test_sink_without_store_or_control(tmp_path: object) -> None:
 def test_busy_port_fails_start(smtp_sink: SmtpSink) -> None:
     with pytest.raises(OSError, match="in use"):
         SmtpSink("127.0.0.1", smtp_sink.port).start()
+
+
+# --------------------------------------------------------------------------------------------
+# A slow relay: delay_ms
+# --------------------------------------------------------------------------------------------
+
+
+async def test_delay_answers_late_without_holding_up_other_sessions() -> None:
+    delay = 1.5
+    with SmtpSink(delay_ms=int(delay * 1000)) as sink:
+        started = time.monotonic()
+        slow = asyncio.create_task(send(sink, _plain(to="ada@example.com")))
+        # Long enough for the first session to be inside its delay (it needs milliseconds).
+        await asyncio.sleep(0.3)
+
+        other = aiosmtplib.SMTP(hostname="127.0.0.1", port=sink.port, timeout=10)
+        await other.connect()
+        await other.ehlo()
+        code, _ = await other.noop()
+        await other.quit()
+
+        # A whole other dialogue happened while the first message still waits for its answer,
+        # and the waiting message is not stored yet: it is stored when it is answered.
+        assert code == 250
+        assert not slow.done()
+        assert sink.messages == []
+
+        await slow
+        assert time.monotonic() - started >= delay
+        assert [m["rcpt_tos"] for m in sink.messages] == [["ada@example.com"]]
+
+
+async def test_delayed_sessions_wait_side_by_side() -> None:
+    delay = 1.0
+    with SmtpSink(delay_ms=int(delay * 1000)) as sink:
+        started = time.monotonic()
+        await asyncio.gather(*(send(sink, _plain(to=f"user{i}@example.com")) for i in range(3)))
+        elapsed = time.monotonic() - started
+        assert len(sink.messages) == 3
+    assert elapsed >= delay
+    assert elapsed < 2 * delay  # one after the other would take 3 delays
+
+
+async def test_a_delayed_sink_is_slow_to_refuse_too() -> None:
+    with SmtpSink(delay_ms=200) as sink:
+        sink.fail_next(1, 451)
+        started = time.monotonic()
+        with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+            await send(sink, _plain())
+        assert refused.value.code == 451
+        assert time.monotonic() - started >= 0.2
+        assert sink.messages == []
+
+
+@pytest.mark.parametrize("delay_ms", [-1, 600_001, 1.5, True, "10"])
+def test_delay_ms_is_validated(delay_ms: object) -> None:
+    with pytest.raises(ValueError, match="delay_ms must be"):
+        SmtpSink(delay_ms=delay_ms)  # type: ignore[arg-type]
+
+
+def test_delay_ms_bounds_are_accepted() -> None:
+    assert SmtpSink(delay_ms=0).delay_ms == 0
+    assert SmtpSink(delay_ms=600_000).delay_ms == 600_000
+
+
+# --------------------------------------------------------------------------------------------
+# A cheap relay: parse=False keeps lean records
+# --------------------------------------------------------------------------------------------
+
+
+async def test_lean_records(tmp_path: Path) -> None:
+    with SmtpSink(store_path=tmp_path / "smtp.jsonl", control_port=0, parse=False) as sink:
+        assert sink.parse is False
+        chinese = _chinese_alternative()
+        await send(sink, chinese)
+        for _ in range(2):
+            await send(sink, _plain(to="bob@example.com", subject="Hi Bob"))
+
+        first, *_ = sink.messages
+        assert first == {
+            "received_at": first["received_at"],
+            "mail_from": "noreply@courier.test",
+            "rcpt_tos": ["li.lei@example.cn"],
+            "message_id": "<user.registered.0192f5a1@courier.test>",
+            "subject": SUBJECT_ZH,  # RFC 2047 undone, as in a full record
+            "headers": {},
+            "text": None,
+            "html": None,
+            "raw_size": len(chinese.as_bytes(policy=SMTP)),
+            "parse_errors": [],
+        }
+        assert dt.datetime.fromisoformat(first["received_at"]).tzinfo == dt.UTC
+
+        assert sink.control_url is not None
+        with SinkControl(sink.control_url) as control:
+            assert control.healthz()["count"] == 3
+            bobs = control.messages(to="Bob@example.com")
+            assert [(m["rcpt_tos"], m["subject"]) for m in bobs] == [
+                (["bob@example.com"], "Hi Bob"),
+                (["bob@example.com"], "Hi Bob"),
+            ]
+            assert control.messages(to="li.lei@example.cn") == [first]
+        assert len(sink.wait_for_messages(2, to="bob@example.com", timeout=1)) == 2
+        lines = (tmp_path / "smtp.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in lines] == sink.messages
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _plain().as_bytes(policy=SMTP),
+        _chinese_alternative().as_bytes(policy=SMTP),
+        "Subject: =?utf-8?b?5qyi6L+O?= and =?iso-8859-1?q?caf=E9?=\r\nX-Raw: 原始\r\n\r\n".encode(),
+        "Subject: 原始, raw UTF-8\r\nMessage-ID: <a@b>\r\n\r\nSubject: in the body\r\n".encode(),
+        b"Subject: a folded\r\n subject\r\nReceived: x\r\n\r\n",
+        b"Subject: one\r\nSubject: two\r\n\r\n",
+        b"Subject: bare LF line ends\nMessage-ID: <lf@x>\n\nbody\n",
+        b"Subject: headers only, no blank line",
+        b"\r\nSubject: no headers, this is the body\r\n",
+    ],
+)
+def test_lean_parse_agrees_with_the_full_one(raw: bytes) -> None:
+    full, lean = parse_mail(raw), parse_mail_headers(raw)
+    assert (lean["message_id"], lean["subject"]) == (full["message_id"], full["subject"])
+    assert (lean["headers"], lean["text"], lean["html"], lean["parse_errors"]) == (
+        {},
+        None,
+        None,
+        [],
+    )
+
+
+def test_lean_parse_keeps_what_it_cannot_decode() -> None:
+    lean = parse_mail_headers(b"Subject: =?x-no-such-charset?q?caf=E9?=\r\n\r\n")
+    assert lean["subject"] == "=?x-no-such-charset?q?caf=E9?="
+    assert lean["parse_errors"] == []
 
 
 # --------------------------------------------------------------------------------------------

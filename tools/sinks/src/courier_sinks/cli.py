@@ -20,8 +20,9 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from courier_sinks.failures import MAX_DELAY_MS
 from courier_sinks.http import HttpSink
-from courier_sinks.smtp import SmtpSink
+from courier_sinks.smtp import SmtpSink, check_delay_ms
 
 __all__ = ["http_main", "smtp_main"]
 
@@ -67,6 +68,33 @@ def _configure_logging(level: str) -> None:
 
 def _store(value: str) -> str | None:
     return value or None
+
+
+def _delay_ms(value: str) -> int:
+    """``--delay-ms``: a whole number of milliseconds, 0 to `MAX_DELAY_MS` (argparse's *type*)."""
+    try:
+        return check_delay_ms(int(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of milliseconds from 0 to {MAX_DELAY_MS} "
+            f"(also for COURIER_SINK_SMTP_DELAY_MS), not {value!r}"
+        ) from None
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def _env_flag(parser: argparse.ArgumentParser, name: str, default: bool) -> bool:
+    """A boolean environment variable: 1/true/yes/on or 0/false/no/off (empty is false)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    parser.error(f"{name} must be 1/true/yes/on or 0/false/no/off, not {value!r}")
 
 
 def _serve_with(name: str, sink: SmtpSink | HttpSink, banner: Callable[[], str]) -> int:
@@ -116,14 +144,43 @@ def smtp_main(argv: Sequence[str] | None = None) -> int:
         help="JSON-lines file to append messages to, '' for none "
         "(env COURIER_SINK_SMTP_STORE; default %(default)s)",
     )
+    parser.add_argument(
+        "--delay-ms",
+        type=_delay_ms,
+        default=_env("COURIER_SINK_SMTP_DELAY_MS", "0"),
+        help="answer every message this many ms after its DATA ended, a slow relay; other "
+        "sessions go on meanwhile (env COURIER_SINK_SMTP_DELAY_MS; default %(default)s)",
+    )
+    parser.add_argument(
+        "--parse",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--no-parse keeps lean records: envelope, size, Message-ID and Subject, no "
+        "headers or bodies, for a fraction of the CPU (env COURIER_SINK_SMTP_PARSE=0; "
+        "default: parse)",
+    )
     args = parser.parse_args(argv)
+    parse = (
+        args.parse
+        if args.parse is not None
+        else _env_flag(parser, "COURIER_SINK_SMTP_PARSE", default=True)
+    )
     _configure_logging(args.log_level)
-    sink = SmtpSink(args.host, args.port, _store(args.store), control_port=args.control_port)
+    sink = SmtpSink(
+        args.host,
+        args.port,
+        _store(args.store),
+        control_port=args.control_port,
+        delay_ms=args.delay_ms,
+        parse=parse,
+    )
 
     def banner(s: SmtpSink) -> str:
+        delay = f", answering after {s.delay_ms} ms" if s.delay_ms else ""
+        lean = "" if s.parse else ", lean records (no MIME parse)"
         return (
             f"smtp-sink: SMTP on {s.host}:{s.port}, "
-            f"control {s.control_url}/_sink/messages, {_storing(s)}"
+            f"control {s.control_url}/_sink/messages, {_storing(s)}{delay}{lean}"
         )
 
     return _serve_with("smtp-sink", sink, lambda: banner(sink))

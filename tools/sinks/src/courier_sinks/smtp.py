@@ -7,6 +7,11 @@ DATA, with the reply code and text the test chose (451 to be retried, 550 to be 
 
 Refused messages are not stored: they were not accepted. ``GET /_sink/fail`` shows how many
 the switch has used.
+
+Two options shape the sink for load tests: ``delay_ms`` makes it a slow relay (every message
+is answered that long after its DATA ended, without holding up other sessions), and
+``parse=False`` makes it a cheap one (lean records, see `SmtpMessage`), so that in a benchmark
+the sink is not what limits the throughput.
 """
 
 from __future__ import annotations
@@ -23,12 +28,12 @@ from starlette.datastructures import QueryParams
 
 from courier_sinks.base import SinkBase
 from courier_sinks.control import ControlSpec, control_mount
-from courier_sinks.failures import FailureSwitch, SmtpFailure, parse_smtp_failure
-from courier_sinks.mail import parse_mail
+from courier_sinks.failures import MAX_DELAY_MS, FailureSwitch, SmtpFailure, parse_smtp_failure
+from courier_sinks.mail import parse_mail, parse_mail_headers
 from courier_sinks.serving import UvicornService, bind, display_address
 from courier_sinks.store import RecordStore, utc_now
 
-__all__ = ["SmtpMessage", "SmtpSink", "create_control_app"]
+__all__ = ["SmtpMessage", "SmtpSink", "check_delay_ms", "create_control_app"]
 
 _log = logging.getLogger(__name__)
 
@@ -42,6 +47,12 @@ class SmtpMessage(TypedDict):
 
     ``headers`` has every header, lower-cased names, decoded; ``message_id`` keeps its angle
     brackets, as in the header. ``text``/``html`` are the decoded bodies, None when absent.
+    ``received_at`` is when the sink accepted the message (after its ``delay_ms``, if any).
+
+    A *lean* record (a sink with ``parse=False``) has ``received_at``, ``mail_from``,
+    ``rcpt_tos``, ``raw_size``, and ``message_id`` and ``subject`` read from the header block
+    (subject RFC 2047-decoded, as in a full record); ``headers`` is ``{}``, ``text`` and
+    ``html`` are None and ``parse_errors`` is ``[]`` whatever the message holds.
     """
 
     received_at: str
@@ -56,20 +67,44 @@ class SmtpMessage(TypedDict):
     parse_errors: list[str]
 
 
-class _Handler:
-    """aiosmtpd handler: the switch decides at DATA, otherwise the message is stored."""
+def check_delay_ms(delay_ms: int) -> int:
+    """*delay_ms* if it is a whole number of milliseconds from 0 to `MAX_DELAY_MS`."""
+    if isinstance(delay_ms, bool) or not isinstance(delay_ms, int):
+        raise ValueError(f"delay_ms must be an integer, not {delay_ms!r}")
+    if not 0 <= delay_ms <= MAX_DELAY_MS:
+        raise ValueError(f"delay_ms must be from 0 to {MAX_DELAY_MS}, not {delay_ms}")
+    return delay_ms
 
-    def __init__(self, store: RecordStore[SmtpMessage], switch: FailureSwitch[SmtpFailure]) -> None:
+
+class _Handler:
+    """aiosmtpd handler: at DATA, the delay, then the switch decides, else the message is stored.
+
+    The delay comes first, so a slow relay is slow to refuse too. It is an `asyncio.sleep`:
+    every session is a task on the sink's loop, and the others go on meanwhile.
+    """
+
+    def __init__(
+        self,
+        store: RecordStore[SmtpMessage],
+        switch: FailureSwitch[SmtpFailure],
+        *,
+        delay_ms: int = 0,
+        parse: bool = True,
+    ) -> None:
         self._store = store
         self._switch = switch
+        self._delay = delay_ms / 1000
+        self._parse = parse_mail if parse else parse_mail_headers
 
     async def handle_DATA(self, _server: SMTP, _session: Session, envelope: Envelope) -> str:
+        if self._delay:
+            await asyncio.sleep(self._delay)
         failure = self._switch.take()
         if failure is not None:
             _log.info("smtp-sink: refused a message with %s", failure.reply())
             return failure.reply()
         raw = envelope.original_content or b""
-        parsed = parse_mail(raw)
+        parsed = self._parse(raw)
         record = SmtpMessage(
             received_at=utc_now(),
             mail_from=envelope.mail_from or "",
@@ -121,7 +156,10 @@ class SmtpSink(SinkBase[SmtpMessage, SmtpFailure]):
     """An SMTP server in a background thread, plus its control API when *control_port* is set.
 
     Port 0 (the default) picks a free port; `port` and `control_url` tell which after `start`.
-    *store_path* None keeps messages in memory only.
+    *store_path* None keeps messages in memory only. *delay_ms* (0 to 600000) makes every
+    message wait that long at the end of DATA before it is answered (other sessions are not
+    held up). *parse* False keeps lean records (see `SmtpMessage`): no MIME parse, for load
+    tests where the sink's CPU matters. A bad *delay_ms* raises `ValueError`.
 
     >>> with SmtpSink(store_path=tmp_path / "smtp.jsonl") as sink:  # doctest: +SKIP
     ...     send_welcome_mail(host=sink.host, port=sink.port)
@@ -135,12 +173,16 @@ class SmtpSink(SinkBase[SmtpMessage, SmtpFailure]):
         store_path: Path | str | None = None,
         *,
         control_port: int | None = None,
+        delay_ms: int = 0,
+        parse: bool = True,
     ) -> None:
+        self.delay_ms = check_delay_ms(delay_ms)  # before the store creates any file
         super().__init__("courier-smtp-sink", store_path)
         self.host = host
+        self.parse = parse
         self._requested_port = port
         self._requested_control_port = control_port
-        self._handler = _Handler(self.store, self.switch)
+        self._handler = _Handler(self.store, self.switch, delay_ms=self.delay_ms, parse=parse)
         self._server: asyncio.Server | None = None
         self._control: UvicornService | None = None
 
