@@ -30,7 +30,7 @@ from pathlib import Path
 # of the ``bench`` namespace, as it is for pytest and mypy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cases import CASES, Config, Context
+from bench.cases import CASES, NOTIFICATION_QUEUE, Config, Context
 from bench.harness import BENCH, Backing, BenchError, Layout, ensure_wrk, say
 from bench.report import Report, render_markdown, render_table
 from courier_common.logging import configure_logging
@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.cases.split(","):
             say(f"case {name}")
             try:
+                # Every case starts from an empty queue: what one case left for the workers
+                # (the register case's welcomes, say) must not be counted by the next.
+                backing.purge(NOTIFICATION_QUEUE)
                 CASES[name](ctx)
             except Exception as exc:
                 failed.append(name)
