@@ -14,12 +14,22 @@ import socket
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from yarl import URL
 
 from courier_common.logging import get_logger
 
 log = get_logger(__name__)
+
+#: Frames a connection may have queued for its writer task before a publisher has to wait.
+#: aiormq's default is 10, and a publisher that waits holds its channel's lock, so once a
+#: batch fills the queue each further publish costs one turn of the event loop (lock hand-off,
+#: then the writer's turn): in a process that also serves HTTP a 200-message outbox batch
+#: took 2 s under load instead of 30 ms. Memory stays bounded by what callers have in flight
+#: (the relay's batch, a consumer's prefetch), which this number comfortably exceeds.
+WRITE_QUEUE_FRAMES = 4096
+aiormq.Connection.FRAME_BUFFER_SIZE = WRITE_QUEUE_FRAMES
 
 #: aio-pika/aiormq errors that mean "the broker is not reachable right now".
 CONNECT_ERRORS: tuple[type[BaseException], ...] = (

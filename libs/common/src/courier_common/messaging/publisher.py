@@ -13,11 +13,11 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange, AbstractRobustChannel, DeliveryMode
+from aio_pika.abc import AbstractRobustChannel, DeliveryMode
 from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.trace import Tracer
@@ -110,16 +110,6 @@ class Publisher:
         self.metrics = metrics
         self.tracer = tracer or get_tracer("courier_common.publisher")
         self.confirm_timeout = confirm_timeout
-        self._exchanges: dict[str, AbstractExchange] = {}
-
-    async def _exchange(self, name: str) -> AbstractExchange:
-        if name == "":
-            return self.channel.default_exchange
-        exchange = self._exchanges.get(name)
-        if exchange is None:
-            exchange = await self.channel.get_exchange(name, ensure=False)
-            self._exchanges[name] = exchange
-        return exchange
 
     async def publish(self, message: OutgoingMessage) -> None:
         """Publish and wait for the confirm; raise a :class:`PublishError` otherwise."""
@@ -174,12 +164,23 @@ class Publisher:
             correlation_id=message.correlation_id,
         )
         try:
-            exchange = await self._exchange(message.exchange)
-            await exchange.publish(
-                amqp_message,
+            if self.channel.is_closed:
+                raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
+            # aiormq's abstract channel does not declare ``wait``; its one implementation has.
+            channel = cast(aiormq.Channel, await self.channel.get_underlay_channel())
+            # Straight to aiormq with wait=False: the frame is queued for the connection's
+            # writer and we wait for the broker's confirm only. aio-pika's Exchange.publish
+            # holds the channel lock until the writer task has flushed the frame, so a batch
+            # went out one event-loop turn per message; this pipelines it, in order, on one
+            # channel. The confirm still means the broker has the message.
+            await channel.basic_publish(
+                message.body,
+                exchange=message.exchange,
                 routing_key=message.routing_key,
+                properties=amqp_message.properties,
                 mandatory=True,
                 timeout=self.confirm_timeout,
+                wait=False,
             )
         except aiormq.exceptions.PublishError as exc:
             raise UnroutableError(f"no queue is bound to {where}: message returned") from exc
