@@ -120,12 +120,12 @@ def test_the_table_shows_median_spread_ratio_and_verdict() -> None:
         }
     }
     table = render_table(compute_rows(measurements))
-    p99 = next(line for line in table.splitlines() if line.startswith("| paced p99"))
+    p99 = next(line for line in table.splitlines() if line.startswith("| paced 1,000/s p99"))
     assert "35.0 (30.0-40.0)" in p99
     assert "3.50x" in p99
     assert "≤ 3x" in p99
     assert "**missed**" in p99
-    p50 = next(line for line in table.splitlines() if line.startswith("| paced p50"))
+    p50 = next(line for line in table.splitlines() if line.startswith("| paced 1,000/s p50"))
     assert p50.endswith("| - |") or p50.endswith("|  | - |")
 
 
