@@ -55,5 +55,6 @@ def test_header_injection_is_still_refused() -> None:
 
 def test_header_classes_are_built_once() -> None:
     registry = senders.EMAIL_POLICY.header_factory
+    assert isinstance(registry, senders._HeaderClasses)
     assert registry["Subject"] is registry["subject"]
     assert registry["To"] is registry["TO"]
