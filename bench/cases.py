@@ -59,7 +59,7 @@ class Config:
     prefetch: int = 100
     paced_rate: float = 1000.0
     #: A second paced rate, below what this 2-core machine sustains end to end.
-    paced_low_rate: float = 200.0
+    paced_low_rate: float = 100.0
     paced_seconds: float = 10.0
     paced_connections: int = 256
     slow_sender_ms: float = 2000.0

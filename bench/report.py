@@ -202,14 +202,14 @@ RATIOS: tuple[RatioSpec, ...] = (
         Target("<=", 3.0),
     ),
     RatioSpec(
-        "paced 200/s p50 (register → sent vs publish → ack)",
+        "paced 100/s p50 (register → sent vs publish → ack)",
         ("paced", "courier_low", "p50_ms"),
         ("paced", "floor_low", "p50_ms"),
         "ms",
         "lower",
     ),
     RatioSpec(
-        "paced 200/s p99 (register → sent vs publish → ack)",
+        "paced 100/s p99 (register → sent vs publish → ack)",
         ("paced", "courier_low", "p99_ms"),
         ("paced", "floor_low", "p99_ms"),
         "ms",
