@@ -99,6 +99,7 @@ class Registrations:
                 try:
                     response = client.post("/v1/users", json=payload)
                 except httpx.HTTPError as exc:
+                    self.ledger.record_in_doubt(payload)
                     answer = Answer(started, time.monotonic(), 0, "", None, repr(exc))
                 else:
                     contact = self.ledger.record(payload, response)

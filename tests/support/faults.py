@@ -46,6 +46,7 @@ COLUMNS = (
     ("duplicates", "duplicates"),
     ("duplicate_bound", "dup. bound"),
     ("provider_replays", "provider replays"),
+    ("in_doubt_sent", "in doubt, sent"),
     ("recovery_seconds", "recovery (s)"),
 )
 
@@ -122,7 +123,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         f"{stamp}, {matrix}. lost = accepted − (sent ∪ dead-lettered); unexpected = sent − "
         "accepted; duplicates = effects delivered more than once (bound: what was in flight "
         "at the crash); provider replays = re-sends an HTTP provider recognised by "
-        "Idempotency-Key; recovery = seconds from the fault's end until every owed "
+        "Idempotency-Key; in doubt, sent = registrations answered 503 or cut off (the client "
+        "cannot know whether the store applied them) whose welcome went out because it had; "
+        "recovery = seconds from the fault's end until every owed "
         "notification was sent or dead-lettered.\n\n" + table
     )
     target.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")

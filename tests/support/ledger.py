@@ -53,6 +53,8 @@ class Tally:
     unexpected: int
     duplicates: int
     provider_replays: int = 0
+    #: Registrations answered 503 or cut off (outcome unknown) whose welcome went out anyway.
+    in_doubt_sent: int = 0
     recovery_seconds: float | None = None
     lost_keys: list[Key] = field(default_factory=list)
     unexpected_keys: list[Key] = field(default_factory=list)
@@ -71,6 +73,9 @@ class Ledger:
         self.scenario = scenario
         self.accepted: dict[str, Contact] = {}
         self.refused: list[tuple[int, str]] = []
+        #: Registrations whose outcome the client cannot know: answered 503 (the store
+        #: stopped answering, maybe after applying the write) or cut off by a transport error.
+        self.in_doubt: list[dict[str, Any]] = []
         self._by_address: dict[tuple[str, str], str] = {}
 
     def new_payload(self, channels: tuple[str, ...] = ("email",)) -> dict[str, Any]:
@@ -86,9 +91,16 @@ class Ledger:
         }
 
     def record(self, payload: dict[str, Any], response: httpx.Response) -> Contact | None:
-        """Note the answer to a registration: a 201 enters A, anything else is kept apart."""
+        """Note the answer to a registration: a 201 enters A, anything else is kept apart.
+
+        A 503 is also in doubt (see `record_in_doubt`): Redis may have applied the write and
+        died before it answered, and then the welcome is owed to a user the client was told
+        to retry for.
+        """
         if response.status_code != 201:
             self.refused.append((response.status_code, response.text[:200]))
+            if response.status_code == 503:
+                self.record_in_doubt(payload)
             return None
         user_id = str(response.json()["id"])
         contact = Contact(
@@ -103,6 +115,17 @@ class Ledger:
         self._by_address[("sms", contact.phone)] = user_id
         self._by_address[("push", contact.push_token)] = user_id
         return contact
+
+    def record_in_doubt(self, payload: dict[str, Any]) -> None:
+        """A registration with no definite answer: its sends are neither owed nor unexpected.
+
+        They are counted apart (``in_doubt_sent``), under the user id ``~<serial>``.
+        """
+        doubt_id = f"~{len(self.in_doubt)}"
+        self.in_doubt.append(payload)
+        self._by_address.setdefault(("email", payload["email"].lower()), doubt_id)
+        self._by_address.setdefault(("sms", payload["phone"]), doubt_id)
+        self._by_address.setdefault(("push", payload["push_token"]), doubt_id)
 
     def register(
         self, client: httpx.Client, channels: tuple[str, ...] = ("email",)
@@ -170,7 +193,8 @@ class Ledger:
         owed = self.owed
         delivered = set(sent)
         lost = sorted(k for k in owed - delivered if k[0] not in dead_users)
-        unexpected = sorted(delivered - owed)
+        in_doubt = {k for k in delivered if k[0].startswith("~")}
+        unexpected = sorted(delivered - owed - in_doubt)
         return Tally(
             scenario=self.scenario,
             accepted=len(owed),
@@ -180,6 +204,7 @@ class Ledger:
             unexpected=len(unexpected),
             duplicates=sum(n - 1 for n in sent.values() if n > 1),
             provider_replays=replays,
+            in_doubt_sent=len({user for user, _ in in_doubt}),
             recovery_seconds=recovery_seconds,
             lost_keys=lost,
             unexpected_keys=unexpected,

@@ -52,6 +52,7 @@ class RegistrationLoad:
                 response = self.client.post("/v1/users", json=payload)
             except httpx.HTTPError as exc:
                 self.errors.append(repr(exc))
+                self.ledger.record_in_doubt(payload)
                 continue
             self.answers.append(Answer(started, time.monotonic() - started, response.status_code))
             self.ledger.record(payload, response)

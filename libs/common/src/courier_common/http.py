@@ -427,14 +427,20 @@ class _UnhandledErrorMiddleware:
 
 
 async def _handle_storage_down(request: Request, exc: Exception) -> Response:
-    """Redis unreachable or too slow: a 503 the client may retry, not a 500 bug report."""
+    """Redis unreachable or too slow: a 503 the client may retry, not a 500 bug report.
+
+    For a write the outcome is unknown: Redis may have applied it and stopped before it
+    answered (the fault suite sees it when Redis is killed under load). The detail says so,
+    and how to find out.
+    """
     _log.warning("storage_unavailable", error=type(exc).__name__)
-    return problem_response(
-        503,
-        "Storage unavailable",
-        "The data store did not answer in time; try again shortly.",
-        headers={"Retry-After": "5"},
-    )
+    detail = "The data store did not answer in time; try again shortly."
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        detail += (
+            " The change may have been applied before it stopped answering: retry with the"
+            " same Idempotency-Key, or read the resource, to learn its outcome."
+        )
+    return problem_response(503, "Storage unavailable", detail, headers={"Retry-After": "5"})
 
 
 def install_problem_handlers(app: FastAPI) -> None:
