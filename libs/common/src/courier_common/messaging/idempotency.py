@@ -21,10 +21,11 @@ import enum
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from courier_common.failpoints import failpoint
@@ -100,9 +101,16 @@ class IdempotencyStore:
     #: How long `run_once` waits out a claim held by someone else; None: one lease.
     busy_wait_seconds: float | None = None
 
+    # Sent as EVALSHA (the script body only if Redis does not know it yet): every message of
+    # every consumer runs one of them.
+    _done_script: AsyncScript = field(init=False, repr=False)
+    _release_script: AsyncScript = field(init=False, repr=False)
+
     def __post_init__(self) -> None:
         if self.metrics is not None:
             self.metrics.use_idempotency()
+        self._done_script = self.redis.register_script(_DONE_IF_OWNER_OR_FREE)
+        self._release_script = self.redis.register_script(_RELEASE_IF_OWNER)
 
     def key(self, *parts: str) -> str:
         return self.prefix + "idem:" + ":".join(parts)
@@ -151,14 +159,14 @@ class IdempotencyStore:
 
     async def done(self, claim: Claim) -> bool:
         """Mark the work done. False if our lease had passed to another worker meanwhile."""
-        marked = await self.redis.eval(
-            _DONE_IF_OWNER_OR_FREE, 1, claim.key, claim.token, str(self.retention_seconds)
+        marked = await self._done_script(
+            keys=[claim.key], args=[claim.token, str(self.retention_seconds)]
         )
         return bool(marked)
 
     async def release(self, claim: Claim) -> None:
         """Give the claim back after a failure, so the retry can claim it at once."""
-        await self.redis.eval(_RELEASE_IF_OWNER, 1, claim.key, claim.token)
+        await self._release_script(keys=[claim.key], args=[claim.token])
 
     async def is_done(self, key: str) -> bool:
         return _as_bytes(await self.redis.get(key)) == DONE

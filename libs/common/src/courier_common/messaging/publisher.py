@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
-import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, DeliveryMode
 from opentelemetry import context as otel_context
@@ -89,6 +88,10 @@ class OutgoingMessage:
         )
 
 
+def _where(message: OutgoingMessage) -> str:
+    return f"exchange '{message.exchange}' with routing key '{message.routing_key}'"
+
+
 def _being_cancelled() -> bool:
     """True when the current task itself was asked to stop (``Task.cancel()``)."""
     task = asyncio.current_task()
@@ -152,14 +155,12 @@ class Publisher:
                     self.metrics.published.labels(message.exchange or "amq.default", outcome).inc()
 
     async def _publish_raw(self, message: OutgoingMessage, headers: dict[str, Any]) -> None:
-        where = f"exchange '{message.exchange}' with routing key '{message.routing_key}'"
-        amqp_message = aio_pika.Message(
-            body=message.body,
+        properties = aiormq.spec.Basic.Properties(
             headers=headers,
             content_type=message.content_type,
             delivery_mode=DeliveryMode.PERSISTENT,
             message_id=message.message_id,
-            type=message.type,
+            message_type=message.type,
             timestamp=message.timestamp or datetime.now(UTC),
             correlation_id=message.correlation_id,
         )
@@ -177,27 +178,31 @@ class Publisher:
                 message.body,
                 exchange=message.exchange,
                 routing_key=message.routing_key,
-                properties=amqp_message.properties,
+                properties=properties,
                 mandatory=True,
                 timeout=self.confirm_timeout,
                 wait=False,
             )
         except aiormq.exceptions.PublishError as exc:
-            raise UnroutableError(f"no queue is bound to {where}: message returned") from exc
+            raise UnroutableError(
+                f"no queue is bound to {_where(message)}: message returned"
+            ) from exc
         except aiormq.exceptions.DeliveryError as exc:
             raise PublishNackedError(
-                f"broker refused the message to {where} (queue full or unavailable)"
+                f"broker refused the message to {_where(message)} (queue full or unavailable)"
             ) from exc
         except TimeoutError as exc:
             raise PublishTimeoutError(
-                f"no confirm within {self.confirm_timeout}s for {where}"
+                f"no confirm within {self.confirm_timeout}s for {_where(message)}"
             ) from exc
         except (
             aiormq.exceptions.AMQPError,
             ConnectionError,
             RuntimeError,
         ) as exc:
-            raise PublishConnectionError(f"could not publish to {where}: {exc!r}") from exc
+            raise PublishConnectionError(
+                f"could not publish to {_where(message)}: {exc!r}"
+            ) from exc
         except asyncio.CancelledError as exc:
             if _being_cancelled():
                 raise
@@ -205,7 +210,7 @@ class Publisher:
             # CancelledError when it drops a connection it found stuck (no heartbeat). Let it
             # through and a caller that only expects PublishError (the outbox relay) dies.
             raise PublishConnectionError(
-                f"the connection was dropped while publishing to {where}"
+                f"the connection was dropped while publishing to {_where(message)}"
             ) from exc
 
     async def publish_event(
