@@ -27,7 +27,16 @@ MASKED_EMAIL = "a***@e***.com"
 PHONE = "+14155552671"
 MASKED_PHONE = "+1*******671"
 
-_TOUCHED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "aio_pika", "aiormq", "courier")
+_TOUCHED_LOGGERS = (
+    "uvicorn",
+    "uvicorn.error",
+    "uvicorn.access",
+    "aio_pika",
+    "aiormq",
+    "httpx",
+    "httpcore",
+    "courier",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -157,6 +166,8 @@ def test_chatty_libraries_are_held_at_warning_and_access_logs_at_info(
     logging.getLogger("aio_pika").info("channel opened")
     logging.getLogger("aiormq.connection").info("frame received")
     logging.getLogger("aio_pika.robust_connection").warning("reconnecting")
+    logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1:15672/api/queues")
+    logging.getLogger("httpcore.connection").debug("connect_tcp.started")
     logging.getLogger("uvicorn.access").info("GET /v1/users 201")
     logging.getLogger("uvicorn.access").debug("noise")
     get_logger("courier.test").debug("debug_is_on")

@@ -52,12 +52,15 @@ __all__ = [
 LogFormat = Literal["json", "console"]
 
 # Third-party loggers and the minimum level they log at. These are floors: a stricter root level
-# (say WARNING) still wins. aio-pika and aiormq narrate every channel and frame at INFO, which
-# would drown the one-line-per-outcome logs the services write.
+# (say WARNING) still wins. aio-pika and aiormq narrate every channel and frame at INFO, and
+# httpx every request (the backlog poller's management-API calls: a few lines every few
+# seconds), which would drown the one-line-per-outcome logs the services write.
 _DEFAULT_LOGGER_FLOORS: Final[Mapping[str, int]] = {
     "uvicorn.access": logging.INFO,
     "aio_pika": logging.WARNING,
     "aiormq": logging.WARNING,
+    "httpx": logging.WARNING,
+    "httpcore": logging.WARNING,
 }
 
 # Loggers that libraries like to give their own handlers (uvicorn's default dictConfig does, with
