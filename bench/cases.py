@@ -40,8 +40,10 @@ from bench.harness import (
     summarize_collapsed,
 )
 from bench.report import percentile
+from notification_service.routes import USER_EVENTS_QUEUE
 
-NOTIFICATION_QUEUE = "notification.user-events"
+NOTIFICATION_QUEUE = USER_EVENTS_QUEUE
+
 FLOOR_REGISTER_QUEUE = "bench.floor.register"
 FLOOR_CONSUME_QUEUE = "bench.floor.consume"
 FLOOR_PACED_QUEUE = "bench.floor.paced"

@@ -23,11 +23,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
 import redis
+
+if TYPE_CHECKING:
+    from courier_common.messaging import Topology
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
@@ -563,17 +566,26 @@ def running(*procs: Proc | Service | SmtpSinkProc | None) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
+def _notifier_topology(backing: Backing) -> Topology:
+    """The platform plus notification-service's work queue, as the service declares them."""
+    from courier_common.messaging import Topology
+    from notification_service.config import Settings
+    from notification_service.routes import user_events_queue
+
+    settings = Settings(amqp_url=backing.amqp_url)
+    return Topology(work_queues=(user_events_queue(settings),))
+
+
 def declare_courier_topology(backing: Backing) -> None:
     asyncio.run(_declare_courier_topology(backing))
 
 
 async def _declare_courier_topology(backing: Backing) -> None:
     from courier_common.messaging import AmqpConnection, declare_topology
-    from courier_common.settings import CourierSettings
 
     connection = await AmqpConnection(backing.amqp_url, client_name="bench").connect()
     try:
-        topology = CourierSettings(amqp_url=backing.amqp_url).topology()
+        topology = _notifier_topology(backing)
         await declare_topology(await connection.channel(), topology)
     finally:
         await connection.close()
@@ -594,11 +606,10 @@ async def _preload_registrations(backing: Backing, count: int, token: str) -> No
         new_event,
         new_event_id,
     )
-    from courier_common.settings import CourierSettings
 
     connection = await AmqpConnection(backing.amqp_url, client_name="bench-preload").connect()
     try:
-        topology = CourierSettings(amqp_url=backing.amqp_url).topology()
+        topology = _notifier_topology(backing)
         await declare_topology(await connection.channel(), topology)
         publisher = Publisher(await connection.channel())
         batch: list[OutgoingMessage] = []

@@ -29,6 +29,8 @@ from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common as common_model
 from grafana_foundation_sdk.models import dashboard as model
 
+from notification_service.routes import USER_EVENTS_QUEUE
+
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "charts" / "courier" / "dashboards"
 
@@ -37,7 +39,7 @@ NOTIFICATION_SERVICE = "notification-service"
 DLQ_ARCHIVER = "dlq-archiver"
 
 #: The work queue whose depth drives notification-service's HPA (chart: autoscaling.queue).
-WORK_QUEUE = "notification.user-events"
+WORK_QUEUE = USER_EVENTS_QUEUE
 #: Default of the `messages_per_replica` constant: the chart's autoscaling.messagesPerReplica.
 MESSAGES_PER_REPLICA = "100"
 

@@ -36,6 +36,7 @@ from aio_pika.abc import AbstractExchange
 
 from courier_common.events import USER_SERVICE_SOURCE, UserRegistered
 from courier_common.messaging import new_event
+from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN
 from tests.support.faults import FaultStack, add_report_row
 from tests.support.ledger import Contact, Ledger
@@ -211,7 +212,7 @@ def assert_dead_lettered_on_first_delivery(
         record = records[str(item.message.message_id)]
         assert record["attempts"] == 1, (item.name, record)
         assert record["reason_class"] == "undecodable", (item.name, record)
-        assert record["source_queue"] == "notification.user-events", (item.name, record)
+        assert record["source_queue"] == USER_EVENTS_QUEUE, (item.name, record)
         assert record["reason"], item.name
         assert item.reason in record["reason"], (item.name, record["reason"])
         assert record["body_size"] == len(item.message.body), item.name

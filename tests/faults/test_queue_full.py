@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.chain import SERVICES
 from tests.support.faults import FaultStack
 from tests.support.load import RegistrationLoad
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.fault
 
 MAX_LENGTH = 20
 REGISTRATIONS = 80
-WORK_QUEUE = "notification.user-events"
+WORK_QUEUE = USER_EVENTS_QUEUE
 
 
 @pytest.fixture

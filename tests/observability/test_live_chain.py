@@ -31,6 +31,7 @@ import yaml
 
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN
 from tests.support.chain import SERVICES, Chain, start_chain
 from tests.support.deploy import of_kind, render_objects
@@ -44,7 +45,7 @@ RULES = ROOT / "charts" / "courier" / "rules" / "courier-alerts.yaml"
 ADAPTER = ROOT / "k8s" / "addons" / "prometheus-adapter-rules.yaml"
 NAMESPACE = "courier"
 VHOST = "/"
-WORK_QUEUE = "notification.user-events"
+WORK_QUEUE = USER_EVENTS_QUEUE
 RATE_INTERVAL = "1m"
 
 pytestmark = pytest.mark.slow

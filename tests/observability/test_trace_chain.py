@@ -33,6 +33,7 @@ from courier_common.tracing import (
 )
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN, wait_records
 from tests.support.chain import SERVICES, start_chain
 from tests.support.helpers import eventually
@@ -50,7 +51,7 @@ from tests.support.stack import RETRY_DELAYS
 pytestmark = pytest.mark.slow
 
 TOKEN = "sink-token"
-WORK_QUEUE = "notification.user-events"
+WORK_QUEUE = USER_EVENTS_QUEUE
 FIRST_RETRY_QUEUE = f"{WORK_QUEUE}.retry.{format_delay(timedelta(seconds=RETRY_DELAYS[0]))}"
 CHANNELS = ("email", "sms", "push")
 OUTCOME = "courier.notification.outcome"
@@ -355,7 +356,9 @@ async def test_a_registration_is_one_trace_and_its_replay_links_to_it(
 
     republished = only(children_of(trace_b, replay), kind="PRODUCER")
     assert republished.service == "dlq-archiver"
-    assert_messaging(republished, destination="courier.events:user.registered", message_id=event_id)
+    # Back to the queue that failed, through the default exchange: no other consumer sees it.
+    assert republished.name == f"publish {WORK_QUEUE}"
+    assert_messaging(republished, destination=WORK_QUEUE, message_id=event_id)
     redelivered = only(trace_b, kind="CONSUMER")
     assert redelivered.parent_span_id == republished.span_id  # carries the replay's context
     replay_sends = sends(trace_b, redelivered)

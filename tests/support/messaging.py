@@ -22,7 +22,7 @@ FAST_RETRY = RetryPolicy(
     delays=(timedelta(milliseconds=300), timedelta(milliseconds=600)), max_attempts=3
 )
 WORK = WorkQueue(
-    name="notification.user-events",
+    name="courier-test.work",
     binding_keys=("user.*", "test.*"),
     retry=FAST_RETRY,
     delivery_limit=3,

@@ -68,8 +68,6 @@ def user_settings(amqp_url: str, redis_url: str, redis_prefix: str) -> UserSetti
         redis_prefix=redis_prefix,
         environment="test",
         outbox_block_ms=50,
-        retry_delays_seconds=RETRY_DELAYS,
-        retry_max_attempts=MAX_ATTEMPTS,
     )
 
 
@@ -104,11 +102,11 @@ def service_env(settings: NotifierSettings | UserSettings) -> dict[str, str]:
         "COURIER_AMQP_URL": settings.amqp_url,
         "COURIER_REDIS_URL": settings.redis_url,
         "COURIER_REDIS_PREFIX": settings.redis_prefix,
-        "COURIER_RETRY_DELAYS_SECONDS": str(settings.retry_delays_seconds),
-        "COURIER_RETRY_MAX_ATTEMPTS": str(settings.retry_max_attempts),
     }
     if isinstance(settings, NotifierSettings):
         env |= {
+            "COURIER_RETRY_DELAYS_SECONDS": str(settings.retry_delays_seconds),
+            "COURIER_RETRY_MAX_ATTEMPTS": str(settings.retry_max_attempts),
             "COURIER_SMTP_PORT": str(settings.smtp_port),
             "COURIER_SMS_URL": settings.sms_url,
             "COURIER_PUSH_URL": settings.push_url,

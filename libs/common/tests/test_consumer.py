@@ -13,14 +13,26 @@ import redis.asyncio
 from aio_pika.abc import AbstractRobustChannel
 
 from courier_common.messaging import (
+    DEAD_LETTERS,
+    Ack,
     ConsumerRunner,
+    DeadLetter,
+    Delivery,
+    DeliveryLoop,
     Event,
+    FailureKind,
     IdempotencyStore,
     PermanentError,
     Publisher,
+    PublishNackedError,
+    Requeue,
     RetryableError,
     Router,
+    Settlement,
+    Topology,
     current_delivery,
+    declare_topology,
+    diagnose,
     new_event,
 )
 from courier_common.messaging.connection import AmqpConnection
@@ -81,9 +93,7 @@ async def all_settled(
 
 
 def count(metrics: MessagingMetrics, outcome: str) -> float:
-    value: float = metrics.consumed.labels(
-        "notification.user-events", "test.pinged", outcome
-    )._value.get()
+    value: float = metrics.consumed.labels("courier-test.work", "test.pinged", outcome)._value.get()
     return value
 
 
@@ -157,7 +167,7 @@ async def test_always_retryable_is_dead_lettered_after_the_budget(
     assert headers["x-courier-exception"] == "courier_common.messaging.retry.RetryableError"
     assert headers["x-courier-original-exchange"] == "courier.events"
     assert headers["x-courier-original-routing-key"] == "test.pinged"
-    assert headers["x-courier-original-queue"] == "notification.user-events"
+    assert headers["x-courier-original-queue"] == "courier-test.work"
     assert headers["x-courier-attempt"] == 3
     assert "x-courier-first-failed-at" in headers
     assert dead.routing_key == "test.pinged"
@@ -237,7 +247,7 @@ async def test_undecodable_messages_are_dead_lettered_and_the_worker_goes_on(
     assert all(m.headers["x-courier-attempt"] == 1 for m in dead)
     assert all(str(m.headers["x-courier-exception"]).endswith("EnvelopeError") for m in dead)
     assert sorted(handled) == list(range(len(bad)))
-    unknown_label = metrics.consumed.labels("notification.user-events", "unknown", "dead_lettered")
+    unknown_label = metrics.consumed.labels("courier-test.work", "unknown", "dead_lettered")
     assert unknown_label._value.get() == len(bad)
 
 
@@ -311,3 +321,130 @@ async def test_stop_lets_in_flight_messages_finish(
     assert await runner.stop(timeout=10) is True
     assert sorted(finished) == [0, 1, 2, 3]
     await all_settled(channel, runner, except_dead=False)
+
+
+async def test_a_crash_of_the_runner_itself_is_dead_lettered_with_a_diagnosis(
+    start_runner: Callable[..., Awaitable[ConsumerRunner]],
+    channel: AbstractRobustChannel,
+    metrics: MessagingMetrics,
+) -> None:
+    async def handler(event: Event[Pinged]) -> None:
+        raise AssertionError("the handler is never reached")
+
+    runner = await start_runner(handler)
+
+    def broken_decode(body: bytes, *, content_type: str | None) -> Event[Any]:
+        raise ZeroDivisionError("a bug in decoding")
+
+    runner.router.catalog.decode = broken_decode  # type: ignore[method-assign]
+    event = new_event(Pinged(n=1), source="t")
+    await publish(channel, event)
+    [dead] = await get_all(channel, "courier.dead-letters", expect=1)
+    assert dead.headers["x-courier-failure-kind"] == "crashed"
+    assert "ZeroDivisionError('a bug in decoding')" in str(dead.headers["x-courier-failure-reason"])
+    assert dead.headers["x-courier-exception"] == "builtins.ZeroDivisionError"
+    assert dead.headers["x-courier-original-queue"] == WORK.name
+    assert dead.message_id == str(event.id)
+    await all_settled(channel, runner)
+    assert metrics.consumed.labels(WORK.name, "unknown", "dead_lettered")._value.get() == 1
+
+
+async def test_a_dead_letter_that_cannot_be_published_is_rejected_to_the_same_place(
+    start_runner: Callable[..., Awaitable[ConsumerRunner]],
+    channel: AbstractRobustChannel,
+) -> None:
+    async def handler(event: Event[Pinged]) -> None:
+        raise PermanentError("no such mailbox")
+
+    runner = await start_runner(handler)
+
+    async def failing_publish(message: Any) -> None:
+        raise PublishNackedError("the broker refused it")
+
+    assert runner.loop._publisher is not None
+    runner.loop._publisher.publish = failing_publish  # type: ignore[method-assign]
+    await publish(channel, new_event(Pinged(n=1), source="t"))
+    [dead] = await get_all(channel, "courier.dead-letters", expect=1)
+    # The queue's own at-least-once dead-lettering: x-death, no diagnosis of ours.
+    assert "x-courier-failure-kind" not in dead.headers
+    assert dead.headers["x-first-death-reason"] == "rejected"
+    assert dead.headers["x-first-death-queue"] == WORK.name
+    await all_settled(channel, runner)
+
+
+class RawRecorder:
+    """A raw handler on the delivery loop that decides whatever it is told to."""
+
+    def __init__(self, decide: Callable[[Delivery], Settlement]) -> None:
+        self.decide = decide
+        self.seen: list[Delivery] = []
+        self.settled_with: list[Settlement] = []
+
+    async def handle(self, delivery: Delivery) -> Settlement:
+        self.seen.append(delivery)
+        return self.decide(delivery)
+
+    def on_crash(self, delivery: Delivery, exc: Exception) -> Settlement:
+        return Requeue(repr(exc))
+
+    def settled(self, delivery: Delivery, settlement: Settlement, seconds: float) -> None:
+        self.settled_with.append(settlement)
+
+
+async def test_the_loop_gives_raw_handlers_plain_values_and_applies_their_requeue(
+    connection: AmqpConnection, declared: DeclaredTopology, channel: AbstractRobustChannel
+) -> None:
+    def decide(delivery: Delivery) -> Settlement:
+        return Ack() if delivery.redelivered else Requeue("not yet")
+
+    recorder = RawRecorder(decide)
+    loop = DeliveryLoop(connection=connection, queue=WORK, handler=recorder, prefetch=1)
+    await loop.start()
+    try:
+        exchange = await channel.get_exchange("courier.events")
+        await exchange.publish(
+            aio_pika.Message(
+                b"raw bytes",
+                message_id="raw-1",
+                content_type="application/octet-stream",
+                headers={"x-courier-attempt": 2, "custom": bytearray(b"\xff")},
+            ),
+            routing_key="test.raw",
+        )
+        await eventually(lambda: len(recorder.settled_with) == 2, what="two deliveries")
+    finally:
+        assert await loop.stop(timeout=5)
+    first, second = recorder.seen
+    assert (first.body, first.message_id, first.attempt) == (b"raw bytes", "raw-1", 2)
+    assert (first.queue, first.exchange, first.routing_key) == (
+        WORK.name,
+        "courier.events",
+        "test.raw",
+    )
+    assert first.original_exchange == "courier.events"
+    assert bytes(first.headers["custom"]) == b"\xff"
+    assert not first.redelivered
+    assert second.redelivered
+    assert [s.outcome for s in recorder.settled_with] == ["requeued", "acked"]
+    assert await ready_count(channel, WORK.name) == 0
+
+
+async def test_a_queue_without_a_dead_letter_exchange_is_never_rejected(
+    connection: AmqpConnection, channel: AbstractRobustChannel
+) -> None:
+    # The dead-letter queue has nowhere to dead-letter to: a settlement it cannot take (a
+    # retry, a dead letter) gives the message back instead of dropping it.
+    await declare_topology(channel, Topology())
+    recorder = RawRecorder(
+        lambda d: Ack() if d.redelivered else DeadLetter(diagnose(d, FailureKind.PERMANENT, "x"))
+    )
+    loop = DeliveryLoop(connection=connection, queue=DEAD_LETTERS, handler=recorder, prefetch=1)
+    await loop.start()
+    try:
+        await channel.default_exchange.publish(
+            aio_pika.Message(b"dead", message_id="d-1"), routing_key=DEAD_LETTERS.name
+        )
+        await eventually(lambda: len(recorder.settled_with) == 2, what="two deliveries")
+    finally:
+        assert await loop.stop(timeout=5)
+    assert [s.outcome for s in recorder.settled_with] == ["requeued", "acked"]

@@ -34,7 +34,7 @@ async def test_confirmed_publish_lands_in_its_queue(
     event = new_event(Pinged(n=1), source="tests")
     await publisher.publish_event(event)
 
-    [message] = await get_all(channel, "notification.user-events", expect=1)
+    [message] = await get_all(channel, "courier-test.work", expect=1)
     assert message.body == event.encode()
     assert message.message_id == str(event.id)
     assert message.type == "test.pinged"
@@ -90,7 +90,7 @@ async def test_batch_results_are_per_message_and_in_order(
     results = await publisher.publish_many(batch)
     assert [i for i, r in enumerate(results) if r is not None] == [7]
     assert isinstance(results[7], UnroutableError)
-    got = await get_all(channel, "notification.user-events", expect=199)
+    got = await get_all(channel, "courier-test.work", expect=199)
     assert len({m.message_id for m in got}) == 199
 
 

@@ -20,11 +20,11 @@ async def test_declares_every_name_of_the_contract(
     queues = {q["name"]: q for q in broker_admin.queues(vhost.name)}
     assert set(queues) == {
         "courier.dead-letters",
-        "notification.user-events",
-        "notification.user-events.retry.300ms",
-        "notification.user-events.retry.600ms",
+        "courier-test.work",
+        "courier-test.work.retry.300ms",
+        "courier-test.work.retry.600ms",
     }
-    work = queues["notification.user-events"]
+    work = queues["courier-test.work"]
     assert work["type"] == "quorum"
     assert work["arguments"] == {
         "x-queue-type": "quorum",
@@ -33,13 +33,13 @@ async def test_declares_every_name_of_the_contract(
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
-    tier = queues["notification.user-events.retry.300ms"]
+    tier = queues["courier-test.work.retry.300ms"]
     assert tier["type"] == "quorum"
     assert tier["arguments"] == {
         "x-queue-type": "quorum",
         "x-message-ttl": 300,
         "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": "notification.user-events",
+        "x-dead-letter-routing-key": "courier-test.work",
         "x-dead-letter-strategy": "at-least-once",
         "x-overflow": "reject-publish",
     }
@@ -55,8 +55,8 @@ async def test_declares_every_name_of_the_contract(
     assert exchanges["courier.dlx"]["type"] == "fanout"
     bindings = broker_admin.client.get(f"/api/bindings/{vhost.name}").json()
     assert {(b["source"], b["destination"], b["routing_key"]) for b in bindings if b["source"]} == {
-        ("courier.events", "notification.user-events", "user.*"),
-        ("courier.events", "notification.user-events", "test.*"),
+        ("courier.events", "courier-test.work", "user.*"),
+        ("courier.events", "courier-test.work", "test.*"),
         ("courier.dlx", "courier.dead-letters", "#"),
     }
 
@@ -78,7 +78,7 @@ async def test_existing_queue_with_other_arguments_fails_startup_clearly(
     with pytest.raises(TopologyMismatchError) as info:
         await declare_topology(await connection.channel(), TOPOLOGY)
     message = str(info.value)
-    assert "queue 'notification.user-events'" in message
+    assert "queue 'courier-test.work'" in message
     assert "'x-delivery-limit'" in message
     assert "20" in message
 

@@ -138,7 +138,7 @@ async def test_handler_that_kills_its_process_is_dead_lettered_by_the_delivery_l
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = await asyncio.to_thread(proc.wait, 10)
-            if await ready_count(channel, "notification.user-events") == 0:
+            if await ready_count(channel, "courier-test.work") == 0:
                 break
         assert rc == -signal.SIGKILL, worker_log(tmp_path)
         deaths += 1
@@ -147,7 +147,7 @@ async def test_handler_that_kills_its_process_is_dead_lettered_by_the_delivery_l
     [dead] = await get_all(channel, "courier.dead-letters", expect=1, timeout=20)
     assert dead.message_id == str(event.id)
     assert dead.headers["x-first-death-reason"] == "delivery_limit"
-    assert dead.headers["x-first-death-queue"] == "notification.user-events"
+    assert dead.headers["x-first-death-queue"] == "courier-test.work"
     assert 3 <= deaths <= 5
     assert len(await list_of(redis_client, redis_prefix + "started")) == deaths
 

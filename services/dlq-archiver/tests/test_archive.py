@@ -10,6 +10,7 @@ import httpx
 
 from courier_common.messaging import AmqpConnection
 from courier_sinks.smtp import SmtpSink
+from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN, records, wait_records
 from tests.support.helpers import eventually
 from tests.support.stack import Stack
@@ -21,7 +22,7 @@ async def test_a_permanent_failure_is_archived_with_its_diagnosis(
     smtp_sink.fail_next(1, 550, "5.1.1 <ada@example.com> mailbox unavailable")
     user = await stack.register("ada@example.com")
     [summary] = await wait_records(archiver, 1)
-    assert summary["source_queue"] == "notification.user-events"
+    assert summary["source_queue"] == USER_EVENTS_QUEUE
     assert summary["event_type"] == "user.registered"
     assert summary["original_exchange"] == "courier.events"
     assert summary["original_routing_key"] == "user.registered"
@@ -106,7 +107,7 @@ async def test_the_same_dead_letter_twice_is_one_record(
                     headers={
                         "x-courier-failure-reason": "body is not UTF-8 text (byte 0)",
                         "x-courier-failure-kind": "undecodable",
-                        "x-courier-original-queue": "notification.user-events",
+                        "x-courier-original-queue": USER_EVENTS_QUEUE,
                         "x-courier-original-exchange": "courier.events",
                         "x-courier-original-routing-key": "user.registered",
                     },

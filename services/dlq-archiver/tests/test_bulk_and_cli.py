@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 
 from courier_sinks.smtp import SmtpSink
+from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN, ADMIN_TOKEN, records, wait_records
 from tests.support.helpers import eventually
 from tests.support.processes import ServiceRunner
@@ -99,7 +100,7 @@ async def test_cli_lists_shows_and_replays(
 
     async def archived() -> bool:
         listing = await asyncio.to_thread(cli, archiver.url, "list")
-        return "notification.user-events" in listing.stdout
+        return USER_EVENTS_QUEUE in listing.stdout
 
     await eventually(archived, timeout=30, what="the CLI to list the dead letter")
     listing = await asyncio.to_thread(cli, archiver.url, "list")

@@ -1,46 +1,26 @@
-"""The archiver stops promptly: a bulk replay is interrupted between two replays, nothing lost."""
+"""The archiver stops promptly and loses nothing: a bulk replay is interrupted between two
+replays, and a dead letter it cannot store yet goes back to the queue."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aio_pika
 import httpx
 import redis.asyncio
 from asgi_lifespan import LifespanManager
 
-from courier_common.messaging import AmqpConnection
+from courier_common.messaging import DEAD_LETTER_QUEUE, AmqpConnection
 from dlq_archiver.config import Settings
 from dlq_archiver.main import create_app
-from dlq_archiver.shutdown import cancel_and_wait
 from dlq_archiver.store import Archive, Filter
 from tests.support.archiver import ADMIN, records, wait_records
 from tests.support.helpers import eventually
+from tests.support.private_services import PrivateRedis
 
-
-async def test_a_task_that_loses_its_cancellation_still_stops() -> None:
-    # What Python 3.11's asyncio.wait_for, and so every redis-py command, can do: swallow a
-    # cancellation that arrives as the awaited call completes, and let the loop go on.
-    async def loop_that_swallows_one_cancel() -> None:
-        swallowed = False
-        while True:
-            try:
-                await asyncio.sleep(0.05)
-            except asyncio.CancelledError:
-                if swallowed:
-                    raise
-                swallowed = True
-                task = asyncio.current_task()
-                assert task is not None
-                task.uncancel()
-
-    task = asyncio.create_task(loop_that_swallows_one_cancel())
-    await asyncio.sleep(0)
-    started = time.monotonic()
-    assert await cancel_and_wait([task], timeout=5)
-    assert task.cancelled()
-    assert time.monotonic() - started < 1
+SOURCE_QUEUE = "courier-test.source"
 
 
 async def dead_letters(amqp_url: str, count: int) -> None:
@@ -48,6 +28,8 @@ async def dead_letters(amqp_url: str, count: int) -> None:
     connection = await AmqpConnection(amqp_url, client_name="test").connect()
     try:
         channel = await connection.channel()
+        # The queue they died in, where a replay gives them back.
+        await channel.declare_queue(SOURCE_QUEUE, durable=True)
         dlx = await channel.get_exchange("courier.dlx")
         for n in range(count):
             await dlx.publish(
@@ -58,7 +40,7 @@ async def dead_letters(amqp_url: str, count: int) -> None:
                     headers={
                         "x-courier-failure-reason": "SMTP 550: relay denied",
                         "x-courier-failure-kind": "permanent",
-                        "x-courier-original-queue": "notification.user-events",
+                        "x-courier-original-queue": SOURCE_QUEUE,
                         "x-courier-original-exchange": "courier.events",
                         "x-courier-original-routing-key": "user.registered",
                     },
@@ -110,3 +92,61 @@ async def test_shutdown_mid_job_interrupts_it_promptly_and_leaves_the_rest_untou
     assert job_state["replayed"] == 1
     stored = await archive.get_many(await archive.ids_matching(Filter()))
     assert sorted(r.status for r in stored) == ["dead"] * 4 + ["replayed"]  # the rest untouched
+
+
+async def test_stopping_while_redis_is_away_gives_the_dead_letter_back(
+    archiver_settings: Settings, amqp_url: str, private_redis: PrivateRedis
+) -> None:
+    # The archiver's Redis is a private one we can stop; the dead letter must survive both
+    # the outage and the archiver stopping during it.
+    settings = archiver_settings.model_copy(update={"redis_url": private_redis.url})
+    app = create_app(settings)
+    connection = await AmqpConnection(amqp_url, client_name="test").connect()
+
+    async def counts() -> tuple[int, int]:
+        """(ready, consumers) of courier.dead-letters, from a fresh passive declare."""
+        async with await connection.connection.channel() as fresh:
+            queue = await fresh.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+            result: Any = queue.declaration_result
+            return int(result.message_count), int(result.consumer_count)
+
+    try:
+        async with (
+            LifespanManager(app, startup_timeout=30, shutdown_timeout=30) as manager,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app), base_url="http://archiver"
+            ) as archiver,
+        ):
+
+            async def ready() -> bool:
+                return (await archiver.get("/readyz")).status_code == 200
+
+            await eventually(ready, timeout=30, what="the archiver to consume")
+            private_redis.stop()
+            await dead_letters(amqp_url, 1)
+
+            async def held() -> bool:
+                ready_now, consumers = await counts()
+                return ready_now == 0 and consumers == 1
+
+            await eventually(held, what="the archiver to hold the dead letter")
+            await asyncio.sleep(0.5)  # it is retrying the store meanwhile
+
+        # Stopped: the delivery was given back, not acked and not dropped.
+        async def given_back() -> bool:
+            ready_now, consumers = await counts()
+            return ready_now == 1 and consumers == 0
+
+        await eventually(given_back, what="the dead letter back in its queue")
+        private_redis.start()
+        async with (
+            LifespanManager(create_app(settings), startup_timeout=30) as manager,
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=manager.app), base_url="http://archiver"
+            ) as archiver,
+        ):
+            [record] = await wait_records(archiver, 1)
+        assert record["message_id"] == "dead-0"
+        assert (await counts())[0] == 0
+    finally:
+        await connection.close()

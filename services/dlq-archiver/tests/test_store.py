@@ -11,11 +11,10 @@ import redis.asyncio
 from courier_common.messaging import new_event_id
 from dlq_archiver.records import DeadLetterRecord, fingerprint, normalize_reason
 from dlq_archiver.store import Archive, Filter
+from notification_service.routes import USER_EVENTS_QUEUE
 
 
-def record(
-    n: int, *, queue: str = "notification.user-events", reason: str = "SMTP 550"
-) -> DeadLetterRecord:
+def record(n: int, *, queue: str = USER_EVENTS_QUEUE, reason: str = "SMTP 550") -> DeadLetterRecord:
     now = datetime.now(UTC)
     return DeadLetterRecord(
         id=str(new_event_id()),

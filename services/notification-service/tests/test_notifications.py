@@ -8,6 +8,7 @@ import time
 from courier_common.messaging import AmqpConnection
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.helpers import eventually, get_all, ready_count
 from tests.support.stack import Stack
 
@@ -71,7 +72,7 @@ async def test_smtp_451_twice_then_delivered_once_after_the_tiers(
     assert elapsed >= 0.3 + 0.6  # waited in the first two retry tiers
     retried = await stack.metric(
         "courier_messages_consumed_total",
-        queue="notification.user-events",
+        queue=USER_EVENTS_QUEUE,
         event_type="user.registered",
         outcome="retried",
     )
@@ -167,7 +168,7 @@ async def test_readiness_and_backlog_metrics(stack: Stack, amqp_url: str) -> Non
     assert body["broker"] == "connected"
 
     async def consumers_seen() -> bool:
-        value = await stack.metric("courier_queue_consumers", queue="notification.user-events")
+        value = await stack.metric("courier_queue_consumers", queue=USER_EVENTS_QUEUE)
         return bool(value == 1)
 
     await eventually(consumers_seen, timeout=30, interval=0.5, what="the backlog gauges")

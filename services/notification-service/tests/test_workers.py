@@ -12,6 +12,7 @@ from courier_common.messaging import AmqpConnection
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
 from notification_service.config import Settings as NotifierSettings
+from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.helpers import eventually, ready_count
 from tests.support.processes import ServiceProcess, ServiceRunner
 from tests.support.stack import service_env
@@ -115,7 +116,7 @@ async def test_a_worker_killed_during_a_burst_loses_nothing(
 
 
 async def _work_queue_empty(channel: object) -> bool:
-    return await ready_count(channel, "notification.user-events") == 0  # type: ignore[arg-type]
+    return await ready_count(channel, USER_EVENTS_QUEUE) == 0  # type: ignore[arg-type]
 
 
 async def test_sigterm_drains_in_flight_sends_and_exits_zero(
@@ -153,6 +154,6 @@ async def test_sigterm_drains_in_flight_sends_and_exits_zero(
     connection = await AmqpConnection(amqp_url, client_name="test").connect()
     try:
         channel = await connection.channel()
-        assert await ready_count(channel, "notification.user-events") == 0
+        assert await ready_count(channel, USER_EVENTS_QUEUE) == 0
     finally:
         await connection.close()

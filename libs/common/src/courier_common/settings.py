@@ -16,12 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from courier_common.messaging.retry import RetryPolicy
-from courier_common.messaging.topology import (
-    ARCHIVER_USER_EVENTS,
-    NOTIFICATION_USER_EVENTS,
-    Topology,
-    WorkQueue,
-)
+from courier_common.messaging.topology import WorkQueue
 
 Environment = Literal["development", "test", "production"]
 
@@ -85,26 +80,6 @@ class CourierSettings(BaseSettings):
         default=None,
         description="json or console; unset means console on a TTY, json otherwise.",
     )
-    retry_delays_seconds: list[float] = Field(
-        default=[5.0, 30.0, 300.0],
-        min_length=1,
-        description="One retry tier per delay (JSON list), strictly increasing. Every service "
-        "must use the same value: they all declare the same topology.",
-    )
-    retry_max_attempts: int = Field(default=5, ge=1, le=100)
-    delivery_limit: int = Field(
-        default=5,
-        ge=1,
-        le=1000,
-        description="Deliveries of one message a worker may die on before the broker "
-        "dead-letters it.",
-    )
-    work_queue_max_length: int | None = Field(
-        default=None,
-        ge=1,
-        description="Cap of the work queue; past it publishes are refused (the outbox keeps "
-        "the events), never dropped.",
-    )
     drain_timeout_seconds: float = Field(
         default=25.0,
         gt=0,
@@ -135,13 +110,6 @@ class CourierSettings(BaseSettings):
             raise ValueError("must look like redis://host:6379/0")
         return value
 
-    @field_validator("retry_delays_seconds")
-    @classmethod
-    def _check_delays(cls, value: list[float]) -> list[float]:
-        if any(d <= 0 for d in value) or value != sorted(set(value)):
-            raise ValueError("retry delays must be positive and strictly increasing")
-        return value
-
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> CourierSettings:
         if self.environment != "production":
@@ -154,27 +122,6 @@ class CourierSettings(BaseSettings):
                     "set a real secret for production"
                 )
         return self
-
-    def topology(self) -> Topology:
-        """The one topology every service declares, built from these settings."""
-        retry = RetryPolicy(
-            delays=tuple(timedelta(seconds=d) for d in self.retry_delays_seconds),
-            max_attempts=self.retry_max_attempts,
-        )
-        notification = WorkQueue(
-            name=NOTIFICATION_USER_EVENTS.name,
-            binding_keys=NOTIFICATION_USER_EVENTS.binding_keys,
-            retry=retry,
-            delivery_limit=self.delivery_limit,
-            max_length=self.work_queue_max_length,
-        )
-        archiver = WorkQueue(
-            name=ARCHIVER_USER_EVENTS.name,
-            binding_keys=ARCHIVER_USER_EVENTS.binding_keys,
-            retry=retry,
-            delivery_limit=self.delivery_limit,
-        )
-        return Topology(work_queues=(notification, archiver))
 
     @property
     def amqp_vhost(self) -> str:
@@ -194,3 +141,60 @@ class CourierSettings(BaseSettings):
         host = parts.hostname or "127.0.0.1"
         host = f"[{host}]" if ":" in host else host
         return f"{scheme}://{user}:{password}@{host}:15672"
+
+
+class ConsumerSettings(CourierSettings):
+    """The settings of a service that consumes work queues: their retry policy and limits.
+
+    The service defines its work queues beside its handlers and builds them with
+    :meth:`work_queue`, so its queues, their tiers and its runner agree by construction.
+    """
+
+    retry_delays_seconds: list[float] = Field(
+        default=[5.0, 30.0, 300.0],
+        min_length=1,
+        description="One retry tier per delay (JSON list), strictly increasing.",
+    )
+    retry_max_attempts: int = Field(default=5, ge=1, le=100)
+    delivery_limit: int = Field(
+        default=5,
+        ge=1,
+        le=1000,
+        description="Deliveries of one message a worker may die on before the broker "
+        "dead-letters it.",
+    )
+    work_queue_max_length: int | None = Field(
+        default=None,
+        ge=1,
+        description="Cap of the work queue; past it publishes are refused (the outbox keeps "
+        "the events), never dropped.",
+    )
+
+    @field_validator("retry_delays_seconds")
+    @classmethod
+    def _check_delays(cls, value: list[float]) -> list[float]:
+        if any(d <= 0 for d in value) or value != sorted(set(value)):
+            raise ValueError("retry delays must be positive and strictly increasing")
+        return value
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            delays=tuple(timedelta(seconds=d) for d in self.retry_delays_seconds),
+            max_attempts=self.retry_max_attempts,
+        )
+
+    def work_queue(
+        self, name: str, binding_keys: tuple[str, ...], *, capped: bool = True
+    ) -> WorkQueue:
+        """A work queue of this service bound to ``courier.events`` with ``binding_keys``.
+
+        ``capped``: apply ``work_queue_max_length`` (a queue that must never refuse a publish,
+        such as an erasure queue, says False).
+        """
+        return WorkQueue(
+            name=name,
+            binding_keys=binding_keys,
+            retry=self.retry_policy(),
+            delivery_limit=self.delivery_limit,
+            max_length=self.work_queue_max_length if capped else None,
+        )

@@ -1,12 +1,12 @@
-"""Consume ``courier.dead-letters`` and archive every message, whatever it contains.
+"""Archive every message of ``courier.dead-letters``, whatever it contains.
 
-This consumer cannot use the envelope-decoding runner: a dead letter may be any bytes, and
-dead-lettering a dead letter would loop. It stores, then acks. When Redis is unavailable it
-keeps the message (unacked) and retries the store with backoff: a dead letter leaves the
-queue only once it is in the archive. On shutdown it stops retrying and leaves such a message
-unacked, so the broker delivers it again (to this archiver's successor).
+The archiver is a raw handler on courier_common's delivery loop (no typed decoding: a dead
+letter may be any bytes, and dead-lettering a dead letter would loop). It stores, then acks.
+When Redis is unavailable it keeps the delivery (unacked) and retries the store with backoff:
+a dead letter leaves the queue only once it is in the archive. Stopping, it gives such a
+delivery back to the queue (requeue), so the next archiver stores it.
 
-Each delivery is handled in a ``process courier.dead-letters`` span whose parent is the
+The loop handles each delivery in a ``process courier.dead-letters`` span whose parent is the
 dead-letter publish (from the message's ``traceparent``), so the archive closes the trace of
 the message that died.
 """
@@ -18,16 +18,24 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 import redis.exceptions
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from opentelemetry.trace import Span, Tracer
+from opentelemetry.trace import Span, Tracer, get_current_span
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from courier_common.failpoints import failpoint
 from courier_common.logging import get_logger
-from courier_common.messaging import AmqpConnection, new_event_id
-from courier_common.tracing import get_tracer, process_span
-from dlq_archiver.records import DeadLetterRecord, from_message
-from dlq_archiver.shutdown import cancel_and_wait, pause
+from courier_common.messaging import (
+    DEAD_LETTERS,
+    Ack,
+    AmqpConnection,
+    Delivery,
+    DeliveryLoop,
+    Requeue,
+    Settlement,
+    new_event_id,
+)
+from courier_common.metrics import MessagingMetrics
+from courier_common.tasks import pause
+from dlq_archiver.records import DeadLetterRecord, from_delivery
 from dlq_archiver.store import Archive, id_time
 
 log = get_logger(__name__)
@@ -60,7 +68,8 @@ class ArchiverMetrics:
         )
         self.replays = Counter(
             "courier_replays",
-            "Replays by outcome: published, refused (erased or route unknown), failed_again.",
+            "Replays by outcome: published, refused (erased, or its queue unknown or gone), "
+            "failed_again.",
             ["outcome"],
             registry=registry,
         )
@@ -73,7 +82,7 @@ class ArchiverMetrics:
 
 
 class ArchiveConsumer:
-    """The archiving loop on its own channel."""
+    """The archiving handler, on its own delivery loop over ``courier.dead-letters``."""
 
     def __init__(
         self,
@@ -81,55 +90,55 @@ class ArchiveConsumer:
         connection: AmqpConnection,
         archive: Archive,
         metrics: ArchiverMetrics,
-        queue: str,
+        messaging_metrics: MessagingMetrics | None = None,
         prefetch: int = 50,
         tracer: Tracer | None = None,
     ) -> None:
-        self.connection = connection
         self.archive = archive
         self.metrics = metrics
-        self.queue_name = queue
-        self.prefetch = prefetch
-        self.tracer = tracer or get_tracer("dlq_archiver")
-        self._queue: AbstractQueue | None = None
-        self._tag: str | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self.loop = DeliveryLoop(
+            connection=connection,
+            queue=DEAD_LETTERS,
+            handler=self,
+            prefetch=prefetch,
+            metrics=messaging_metrics,
+            tracer=tracer,
+        )
+
+    @property
+    def queue_name(self) -> str:
+        return DEAD_LETTERS.name
 
     async def start(self) -> None:
-        channel = await self.connection.channel(prefetch=self.prefetch)
-        self._queue = await channel.declare_queue(
-            self.queue_name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
-        self._tag = await self._queue.consume(self._on_message)
+        await self.loop.start()
         log.info("archiver_started", queue=self.queue_name)
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._archive(message))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def stop(self, timeout: float = 10.0) -> bool:
+        """Stop taking dead letters and let the ones in hand finish, within ``timeout``.
 
-    async def _archive(self, message: AbstractIncomingMessage) -> None:
-        with process_span(
-            self.tracer,
-            queue=self.queue_name,
-            headers=message.headers,
-            message_id=message.message_id,
-            routing_key=message.routing_key,
-            exchange=message.exchange,
-            body_size=len(message.body),
-        ) as span:
-            await self._store(message, span)
+        True when every one finished. One still waiting for Redis is given back to the queue;
+        one that did not finish in time is cancelled unacked: either way the broker delivers
+        it again, and the archive recognises what it already stored.
+        """
+        self._stopping.set()
+        drained = await self.loop.stop(timeout)
+        log.info("archiver_stopped", queue=self.queue_name, drained=drained)
+        return drained
 
-    async def _store(self, message: AbstractIncomingMessage, span: Span) -> None:
-        now = datetime.now(UTC)
-        record = from_message(message, record_id=str(new_event_id()), now=now)
+    # --- DeliveryHandler ------------------------------------------------------------------
+
+    async def handle(self, delivery: Delivery) -> Settlement:
+        span = get_current_span()
+        record = from_delivery(delivery, record_id=str(new_event_id()), now=datetime.now(UTC))
         delay = 0.2
         while True:
             try:
                 existing = await self.archive.insert(record)
                 break
-            except redis.exceptions.RedisError as exc:
+            except Exception as exc:  # Redis away, or a bug: keep it in hand, with backoff
+                if not isinstance(exc, redis.exceptions.RedisError):
+                    log.exception("archive_store_crashed", message_id=record.message_id)
                 if self._stopping.is_set():
                     span.set_attribute(OUTCOME_ATTRIBUTE, "left_for_redelivery")
                     log.warning(
@@ -137,35 +146,42 @@ class ArchiveConsumer:
                         message_id=record.message_id,
                         error=repr(exc),
                     )
-                    return  # unacked: the broker delivers it again once the channel closes
+                    return Requeue(f"the archive is unavailable: {exc!r}")
                 log.warning("archive_store_failed", error=repr(exc), retry_in_s=delay)
                 await pause(self._stopping, delay)
                 delay = min(delay * 2, 5.0)
+        await self._record(record, existing, span)
+        failpoint("archiver.before_ack")
+        return Ack(duplicate=existing is not None)
+
+    def on_crash(self, delivery: Delivery, exc: Exception) -> Settlement:
+        # Never reject: courier.dead-letters has nowhere to dead-letter to. Keep it.
+        return Requeue(f"archiving crashed: {exc!r}")
+
+    def settled(self, delivery: Delivery, settlement: Settlement, seconds: float) -> None:
+        pass  # the archive's own metrics and log lines are written as it stores
+
+    async def _record(self, record: DeadLetterRecord, existing: str | None, span: Span) -> None:
         if existing is not None:
             span.set_attributes({RECORD_ID_ATTRIBUTE: existing, OUTCOME_ATTRIBUTE: "duplicate"})
             self.metrics.duplicates.inc()
             await self._link_replay(record, existing)  # the first delivery may have stopped short
             log.info("dead_letter_duplicate", record_id=existing, message_id=record.message_id)
-        else:
-            span.set_attributes({RECORD_ID_ATTRIBUTE: record.id, OUTCOME_ATTRIBUTE: "archived"})
-            self.metrics.archived.labels(record.source_queue, record.reason_class).inc()
-            await self._link_replay(record, record.id)
-            if record.replay_of:
-                self.metrics.replays.labels("failed_again").inc()
-            log.info(
-                "dead_letter_archived",
-                record_id=record.id,
-                message_id=record.message_id,
-                source_queue=record.source_queue,
-                event_type=record.event_type,
-                reason_class=record.reason_class,
-                reason=record.reason,
-            )
-        failpoint("archiver.before_ack")
-        try:
-            await message.ack()
-        except Exception as exc:  # the channel died: redelivery is deduplicated
-            log.warning("archive_ack_failed", error=repr(exc))
+            return
+        span.set_attributes({RECORD_ID_ATTRIBUTE: record.id, OUTCOME_ATTRIBUTE: "archived"})
+        self.metrics.archived.labels(record.source_queue, record.reason_class).inc()
+        await self._link_replay(record, record.id)
+        if record.replay_of:
+            self.metrics.replays.labels("failed_again").inc()
+        log.info(
+            "dead_letter_archived",
+            record_id=record.id,
+            message_id=record.message_id,
+            source_queue=record.source_queue,
+            event_type=record.event_type,
+            reason_class=record.reason_class,
+            reason=record.reason,
+        )
 
     async def _link_replay(self, record: DeadLetterRecord, record_id: str) -> None:
         """A replayed message that failed again points back to the record it was replayed from.
@@ -179,29 +195,6 @@ class ArchiveConsumer:
         if record.replay_id and "." in record.replay_id:
             job_id = record.replay_id.split(".", 1)[0]
             await self.archive.record_job_failure(job_id, record_id)
-
-    async def stop(self, timeout: float = 10.0) -> bool:
-        """Stop taking dead letters and let the ones in hand finish, within ``timeout``.
-
-        True when every one finished. Whatever did not is cancelled unacked: the broker
-        delivers it again, and the archive recognises what it already stored.
-        """
-        self._stopping.set()
-        if self._queue is not None and self._tag is not None:
-            try:
-                await self._queue.cancel(self._tag)
-            except Exception as exc:
-                log.warning("archiver_cancel_failed", error=repr(exc))
-            self._tag = None
-        drained = True
-        if self._tasks:
-            log.info("archiver_draining", in_flight=len(self._tasks))
-            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-            if pending:
-                drained = False
-                await cancel_and_wait(pending)
-        log.info("archiver_stopped", queue=self.queue_name, drained=drained)
-        return drained
 
     async def update_gauges(self, top_groups: int) -> None:
         self.metrics.archive_size.set(await self.archive.size())

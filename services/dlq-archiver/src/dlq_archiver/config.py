@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr, field_validator
 
-from courier_common.settings import PLACEHOLDER_SECRETS, CourierSettings
+from courier_common.settings import PLACEHOLDER_SECRETS, ConsumerSettings
 
 
-class Settings(CourierSettings):
+class Settings(ConsumerSettings):
     """Environment: ``COURIER_*``. ``COURIER_ADMIN_TOKEN`` comes from a Kubernetes Secret."""
 
     http_port: int = Field(default=8002, ge=0, le=65535)

@@ -26,18 +26,19 @@ from courier_common.messaging import (
     AmqpConnection,
     ConsumerRunner,
     Publisher,
+    Topology,
     TopologyMismatchError,
     declare_topology,
 )
-from courier_common.messaging.topology import ARCHIVER_USER_EVENTS
 from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.redis import connect as redis_connect
+from courier_common.tasks import cancel_and_wait, pause
 from dlq_archiver.api import dead_letters
 from dlq_archiver.archiving import ArchiveConsumer, ArchiverMetrics
 from dlq_archiver.config import Settings
 from dlq_archiver.erasure import Eraser
 from dlq_archiver.replay import Replayer
-from dlq_archiver.shutdown import cancel_and_wait, pause
+from dlq_archiver.routes import erasure_queue
 from dlq_archiver.store import Archive
 
 log = get_logger(__name__)
@@ -58,17 +59,17 @@ class Workers:
         self.settings = settings
         self.archive = archive
         self.connection = connection
-        self.topology = settings.topology()
+        erasure = erasure_queue(settings)
+        self.topology = Topology(work_queues=(erasure,))
         self.consumer = ArchiveConsumer(
             connection=connection,
             archive=archive,
             metrics=archiver_metrics,
-            queue=self.topology.dead_letter_queue,
             prefetch=settings.amqp_prefetch,
         )
         self.eraser = ConsumerRunner(
             connection=connection,
-            queue=self.topology.work_queue(ARCHIVER_USER_EVENTS.name),
+            queue=erasure,
             router=Eraser(archive).router(),
             metrics=messaging_metrics,
             consumer_name=SERVICE,

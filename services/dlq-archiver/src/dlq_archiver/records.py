@@ -14,22 +14,13 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
 from pydantic import BaseModel, Field
 
 from courier_common.logging import scrub_text
-from courier_common.messaging import headers
+from courier_common.messaging import Delivery, Diagnosis, FailureKind, headers
 
-REASON = headers.FAILURE_REASON
-KIND = headers.FAILURE_KIND
-EXCEPTION = headers.EXCEPTION
-ORIGINAL_EXCHANGE = headers.ORIGINAL_EXCHANGE
-ORIGINAL_ROUTING_KEY = headers.ORIGINAL_ROUTING_KEY
-ORIGINAL_QUEUE = headers.ORIGINAL_QUEUE
-FIRST_FAILED_AT = headers.FIRST_FAILED_AT
-ATTEMPT = headers.ATTEMPT
-REPLAY_OF = headers.REPLAY_OF
-REPLAY_ID = headers.REPLAY_ID
+#: ``source_queue`` of a dead letter that says nowhere which queue it died in.
+UNKNOWN_QUEUE = "unknown"
 
 _NORMALIZERS = (
     (
@@ -78,6 +69,23 @@ class DeadLetterRecord(BaseModel):
     status: str = "dead"
     replays: list[ReplayEntry] = Field(default_factory=list)
     erased: bool = False
+
+    def diagnosis(self) -> Diagnosis:
+        """The record's diagnosis, as the dead letter carried it (see ``from_delivery``)."""
+        return Diagnosis(
+            kind=FailureKind.parse(self.reason_class),
+            reason=self.reason,
+            source_queue=None if self.source_queue == UNKNOWN_QUEUE else self.source_queue,
+            original_exchange=self.original_exchange,
+            original_routing_key=self.original_routing_key,
+            attempts=max(self.attempts, 1),
+            exception=self.exception,
+            first_failed_at=self.first_failed_at,
+        )
+
+    def amqp_headers(self) -> dict[str, Any]:
+        """The headers as AMQP values again: bytes that were kept as base64 come back."""
+        return {name: amqp_value(value) for name, value in self.headers.items()}
 
     @property
     def body(self) -> bytes:
@@ -135,25 +143,26 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
+def amqp_value(value: Any) -> Any:
+    """The inverse of :func:`jsonable` where it can be: ``{"base64": …}`` becomes bytes again."""
+    if isinstance(value, dict):
+        if set(value) == {"base64"} and isinstance(value["base64"], str):
+            try:
+                return bytearray(base64.b64decode(value["base64"], validate=True))
+            except ValueError:
+                return value
+        return {k: amqp_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [amqp_value(v) for v in value]
+    return value
+
+
 def _text(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, bytes):
         return value.decode("utf-8", errors="replace")
     return str(value)
-
-
-def _parse_time(value: Any) -> datetime | None:
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    text = _text(value)
-    if not text:
-        return None
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def normalize_reason(reason: str) -> str:
@@ -187,78 +196,50 @@ def _trace_id(headers: dict[str, Any]) -> str | None:
     return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None
 
 
-def from_message(
-    message: AbstractIncomingMessage, *, record_id: str, now: datetime
-) -> DeadLetterRecord:
-    """Build the record for a delivery of ``courier.dead-letters``."""
-    headers: dict[str, Any] = dict(message.headers or {})
-    deaths = headers.get("x-death")
-    first_death: dict[str, Any] = deaths[0] if isinstance(deaths, list) and deaths else {}
-    body = bytes(message.body)
-    body_event_type, user_id = _event_fields(body)
-    event_type = _text(message.type) if message.type not in (None, "None") else body_event_type
-    event_type = body_event_type or event_type
+def from_delivery(delivery: Delivery, *, record_id: str, now: datetime) -> DeadLetterRecord:
+    """Build the record for a delivery of ``courier.dead-letters``.
 
-    reason = _text(headers.get(REASON))
-    if reason is None:  # dead-lettered by the broker itself (delivery limit, rejection, ttl)
-        broker_reason = _text(first_death.get("reason")) or "unknown"
-        count = first_death.get("count")
-        reason = f"dead-lettered by the broker: {broker_reason}"
-        if count is not None:
-            reason += f" (count {count})"
-        kind = "broker-" + broker_reason
-    else:
-        kind = _text(headers.get(KIND)) or "unknown"
-    source_queue = (
-        _text(headers.get(ORIGINAL_QUEUE)) or _text(first_death.get("queue")) or "unknown"
-    )
-    exception = _text(headers.get(EXCEPTION))
-    attempts_raw = headers.get(ATTEMPT)
-    try:
-        attempts = int(_text(attempts_raw) or 0) if attempts_raw is not None else 0
-    except ValueError:
-        attempts = 0
-    if not attempts and first_death:
-        attempts = int(first_death.get("count") or 1)
-    exchange = _text(headers.get(ORIGINAL_EXCHANGE))
-    routing_key = _text(headers.get(ORIGINAL_ROUTING_KEY))
-    if exchange is None and first_death:
-        exchange = _text(first_death.get("exchange"))
-        keys = first_death.get("routing-keys")
-        routing_key = _text(keys[0]) if isinstance(keys, list) and keys else routing_key
+    The diagnosis is read with courier_common's dead-letter contract, so a dead letter of
+    Courier's and one the broker dead-lettered by itself (only ``x-death``) read alike.
+    """
+    message_headers = dict(delivery.headers)
+    diagnosis = Diagnosis.read(message_headers)
+    body = bytes(delivery.body)
+    body_event_type, user_id = _event_fields(body)
+    event_type = body_event_type or (delivery.type if delivery.type not in (None, "None") else None)
+    source_queue = diagnosis.source_queue or UNKNOWN_QUEUE
     properties = {
-        "content_type": message.content_type,
-        "content_encoding": message.content_encoding,
-        "delivery_mode": int(message.delivery_mode) if message.delivery_mode else None,
-        "message_id": message.message_id,
-        "correlation_id": message.correlation_id,
-        "type": _text(message.type),
-        "app_id": message.app_id,
-        "timestamp": jsonable(message.timestamp) if message.timestamp else None,
+        "content_type": delivery.content_type,
+        "content_encoding": delivery.content_encoding,
+        "delivery_mode": delivery.delivery_mode,
+        "message_id": delivery.message_id,
+        "correlation_id": delivery.correlation_id,
+        "type": delivery.type,
+        "app_id": delivery.app_id,
+        "timestamp": jsonable(delivery.timestamp) if delivery.timestamp else None,
     }
     return DeadLetterRecord(
         id=record_id,
-        message_id=message.message_id,
+        message_id=delivery.message_id,
         archived_at=now,
         source_queue=source_queue,
         event_type=event_type,
-        original_exchange=exchange,
-        original_routing_key=routing_key,
-        reason=reason,
-        reason_class=kind,
-        exception=exception,
-        attempts=attempts,
-        first_failed_at=_parse_time(headers.get(FIRST_FAILED_AT))
-        or _parse_time(first_death.get("time")),
+        original_exchange=diagnosis.original_exchange,
+        original_routing_key=diagnosis.original_routing_key,
+        reason=diagnosis.reason,
+        reason_class=diagnosis.kind.value,
+        exception=diagnosis.exception,
+        attempts=diagnosis.attempts,
+        first_failed_at=diagnosis.first_failed_at,
         last_failed_at=now,
-        trace_id=_trace_id(headers),
-        fingerprint=fingerprint(source_queue, event_type, exception, reason),
+        trace_id=_trace_id(message_headers),
+        fingerprint=fingerprint(source_queue, event_type, diagnosis.exception, diagnosis.reason),
         body_b64=base64.b64encode(body).decode(),
         body_size=len(body),
-        content_type=message.content_type,
+        content_type=delivery.content_type,
         properties=properties,
-        headers=jsonable(headers),
+        headers=jsonable(message_headers),
         user_id=user_id,
-        replay_of=_text(headers.get(REPLAY_OF)),
-        replay_id=_text(headers.get(REPLAY_ID)),
+        replay_of=_text(message_headers.get(headers.REPLAY_OF)),
+        replay_id=_text(message_headers.get(headers.REPLAY_ID)),
     )

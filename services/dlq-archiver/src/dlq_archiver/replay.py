@@ -1,9 +1,15 @@
-"""Replay: put a dead letter back on its original route, one at a time or in a safe bulk job.
+"""Replay: put a dead letter back in the queue that failed it, one at a time or in a bulk job.
 
-A replayed message keeps its body and ``message_id`` (so consumers' idempotency recognises
-what was already done: replaying twice sends once), loses its diagnosis and attempt headers
-(a fresh retry budget), and carries ``x-courier-replay-of`` and ``x-courier-replay-id`` so a
-replay that fails again comes back linked to its record.
+A replay goes through the default exchange straight to the dead letter's source queue — the
+consumer that gave up on it — and to no other queue: republishing to the original exchange and
+routing key would hand it again to every queue bound to that key (another service's consumer of
+the same event, say). It keeps its body and ``message_id`` (so the consumer's idempotency
+recognises what was already done: replaying twice sends once), its original exchange and
+routing key in ``x-courier-original-*`` (the handler sees the route it was first published on),
+loses its diagnosis and attempt headers (a fresh retry budget), and carries
+``x-courier-replay-of`` and ``x-courier-replay-id`` so a replay that fails again comes back
+linked to its record. The headers are courier_common's (``replay_headers``). A dead letter
+whose source queue is unknown cannot be replayed.
 
 A bulk job is paced (``rate_per_second``), starts with a canary (replay the first N, watch them
 for ``canary_wait_seconds``, go on only if they did not die again) and halts when the share
@@ -23,39 +29,29 @@ import asyncio
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 from opentelemetry.trace import Tracer
 
 from courier_common.logging import get_logger
 from courier_common.messaging import (
+    DEAD_LETTER_QUEUE,
+    DEFAULT_EXCHANGE,
+    Diagnosis,
     OutgoingMessage,
     Publisher,
     PublishError,
-    headers,
+    UnroutableError,
     new_event_id,
+    replay_headers,
 )
-from courier_common.tracing import (
-    PROPAGATION_HEADERS,
-    get_tracer,
-    link_from_headers,
-    operation_span,
-)
+from courier_common.tasks import cancel_and_wait, pause
+from courier_common.tracing import get_tracer, link_from_headers, operation_span
 from dlq_archiver.archiving import RECORD_ID_ATTRIBUTE, ArchiverMetrics
 from dlq_archiver.records import DeadLetterRecord
-from dlq_archiver.shutdown import cancel_and_wait, pause
 from dlq_archiver.store import Archive, Filter
 
 log = get_logger(__name__)
-
-#: Headers a replay does not carry over: the diagnosis of the failure it is replayed from,
-#: the attempt count (a replay gets a fresh budget) and the broker's death history.
-_DROPPED_HEADERS = (
-    headers.DIAGNOSIS
-    | headers.BROKER_DEATH
-    | {headers.ATTEMPT, headers.REPLAY_OF, headers.REPLAY_ID}
-    | PROPAGATION_HEADERS
-)
 
 # Span attributes of a replay and its job; the replay's link to the dead letter's trace says
 # what it is with LINK_RELATION_ATTRIBUTE = REPLAY_OF.
@@ -67,7 +63,7 @@ REPLAY_OF: Final = "replay_of"
 
 
 class ReplayRefused(Exception):
-    """This record cannot be replayed (erased, or its original route is unknown)."""
+    """This record cannot be replayed (erased, or the queue it failed in is unknown)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +96,7 @@ class Replayer:
         self._stopping = asyncio.Event()
 
     async def replay(self, record: DeadLetterRecord, *, job_id: str | None = None) -> str:
-        """Republish one record to its original exchange and routing key; the replay id.
+        """Republish one record to the queue it failed in; the replay id.
 
         Runs in the caller's trace (the API request's, or the bulk job's) and links to the
         dead letter's own trace.
@@ -121,35 +117,57 @@ class Replayer:
             return replay_id
 
     async def _replay(self, record: DeadLetterRecord, job_id: str | None) -> str:
+        diagnosis = record.diagnosis()
+        target = diagnosis.source_queue
         if record.erased:
             self.metrics.replays.labels("refused").inc()
             raise ReplayRefused("the record was erased with its user and cannot be replayed")
-        if record.original_exchange is None or record.original_routing_key is None:
+        if target is None or target == DEAD_LETTER_QUEUE:
             self.metrics.replays.labels("refused").inc()
-            raise ReplayRefused("the record's original exchange or routing key is unknown")
+            raise ReplayRefused(
+                "the queue this dead letter failed in is unknown (it carries neither "
+                "x-courier-original-queue nor an x-death queue), so there is no consumer to "
+                "give it back to"
+            )
         replay_id = f"{job_id}.{new_event_id()}" if job_id else f"single.{new_event_id()}"
-        replay_headers: dict[str, Any] = {
-            k: v
-            for k, v in record.headers.items()
-            if k not in _DROPPED_HEADERS and not isinstance(v, dict)
-        }
-        replay_headers[headers.REPLAY_OF] = record.id
-        replay_headers[headers.REPLAY_ID] = replay_id
+        try:
+            await self._publish(record, target, replay_id, diagnosis)
+        except UnroutableError:
+            self.metrics.replays.labels("refused").inc()
+            raise ReplayRefused(
+                f"queue '{target}' does not exist on this vhost: its consumer has not declared it "
+                "yet, or it was deleted; the dead letter stays in the archive"
+            ) from None
+        await self.archive.mark_replayed(record.id, replay_id, job_id)
+        self.metrics.replays.labels("published").inc()
+        log.info(
+            "dead_letter_replayed",
+            record_id=record.id,
+            replay_id=replay_id,
+            job_id=job_id,
+            queue=target,
+        )
+        return replay_id
+
+    async def _publish(
+        self, record: DeadLetterRecord, target: str, replay_id: str, diagnosis: Diagnosis
+    ) -> None:
         await self.publisher.publish(
             OutgoingMessage(
-                exchange=record.original_exchange,
-                routing_key=record.original_routing_key,
+                exchange=DEFAULT_EXCHANGE,
+                routing_key=target,
                 body=record.body,
                 message_id=record.message_id,
                 type=record.properties.get("type") or record.event_type,
                 content_type=record.content_type,
-                headers=replay_headers,
+                headers=replay_headers(
+                    record.amqp_headers(),
+                    replay_of=record.id,
+                    replay_id=replay_id,
+                    diagnosis=diagnosis,
+                ),
             )
         )
-        await self.archive.mark_replayed(record.id, replay_id, job_id)
-        self.metrics.replays.labels("published").inc()
-        log.info("dead_letter_replayed", record_id=record.id, replay_id=replay_id, job_id=job_id)
-        return replay_id
 
     async def start_job(self, request: BulkReplayRequest) -> str:
         ids = await self.archive.ids_matching(request.filter, max_count=request.limit)

@@ -24,19 +24,22 @@ from courier_common.events import USER_EVENTS
 from courier_common.http import HttpMetrics, HttpMetricsMiddleware, health_router, run_service
 from courier_common.logging import get_logger
 from courier_common.messaging import (
+    DEAD_LETTER_QUEUE,
     AmqpConnection,
     ConsumerRunner,
     IdempotencyStore,
+    Topology,
     TopologyMismatchError,
+    WorkQueue,
     declare_topology,
 )
 from courier_common.messaging.backlog import BacklogMonitor, ManagementClient
-from courier_common.messaging.topology import NOTIFICATION_USER_EVENTS
 from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.redis import connect as redis_connect
 from notification_service.config import Settings
 from notification_service.handlers import NotificationMetrics, Notifier
 from notification_service.rendering import Renderer
+from notification_service.routes import user_events_queue
 from notification_service.senders import EmailSender, HttpProvider
 
 log = get_logger(__name__)
@@ -52,10 +55,10 @@ class Worker:
     backlog: BacklogMonitor
     started: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def start(self, settings: Settings) -> None:
+    async def start(self, work_queue: WorkQueue) -> None:
         try:
             await self.connection.connect(timeout=None)
-            topology = settings.topology()
+            topology = Topology(work_queues=(work_queue,))
             await declare_topology(await self.connection.channel(), topology)
             await self.runner.start()
         except TopologyMismatchError as exc:
@@ -71,8 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     messaging_metrics = MessagingMetrics(registry, event_types=[e.event_type for e in USER_EVENTS])
     notification_metrics = NotificationMetrics(registry)
     http_metrics = HttpMetrics(registry)
-    topology = settings.topology()
-    work_queue = topology.work_queue(NOTIFICATION_USER_EVENTS.name)
+    work_queue = user_events_queue(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -135,7 +137,7 @@ def create_app(settings: Settings) -> FastAPI:
                 queues=[
                     work_queue.name,
                     *work_queue.retry_queue_names,
-                    topology.dead_letter_queue,
+                    DEAD_LETTER_QUEUE,
                 ],
                 metrics=messaging_metrics,
                 interval=settings.backlog_poll_seconds,
@@ -143,7 +145,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.worker = worker
         app.state.redis = redis
-        starting = asyncio.create_task(worker.start(settings))
+        starting = asyncio.create_task(worker.start(work_queue))
         try:
             yield
         finally:

@@ -80,7 +80,9 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
             redis=redis,
             stream=store.outbox_key,
             connection=connection,
-            topology=topology or settings.topology(),
+            # The platform only: user-service publishes and does not know who consumes. An
+            # event no consumer's queue is bound for yet is unroutable and waits in the outbox.
+            topology=topology or Topology(),
             metrics=outbox_metrics,
             messaging_metrics=messaging_metrics,
             batch_size=settings.outbox_batch_size,

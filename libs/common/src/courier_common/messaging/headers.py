@@ -1,7 +1,7 @@
 """Courier's AMQP header names (ARCHITECTURE.md, "The message"), defined once.
 
-The runner writes the diagnosis headers when it dead-letters, the archiver reads them, and a
-replay drops them again: all three use these names.
+They are written and read in one module, :mod:`courier_common.messaging.deadletter`: the
+diagnosis of a dead letter, the headers of a retry hop and of a replay.
 """
 
 from __future__ import annotations

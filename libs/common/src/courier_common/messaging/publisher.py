@@ -21,13 +21,10 @@ from opentelemetry import context as otel_context
 from opentelemetry.context import Context
 from opentelemetry.trace import Tracer
 
-from courier_common.messaging import headers
 from courier_common.messaging.envelope import CONTENT_TYPE, Event
 from courier_common.messaging.topology import EVENTS_EXCHANGE
 from courier_common.metrics import MessagingMetrics
 from courier_common.tracing import get_tracer, inject_context, publish_span, record_failure
-
-ATTEMPT_HEADER = headers.ATTEMPT
 
 
 class PublishError(Exception):

@@ -1,9 +1,15 @@
-"""Courier's RabbitMQ topology, declared in one place.
+"""Courier's RabbitMQ topology: the platform's objects, the work-queue type, the declarer.
 
-The names are a contract (ARCHITECTURE.md). Every exchange and queue is described here as a
-value; :func:`declare_topology` declares them idempotently. When a queue already exists with
-other arguments, startup fails with :class:`TopologyMismatchError` naming the argument,
-instead of the broker's channel error surfacing somewhere else later.
+courier_common owns what every service shares — the events exchange ``courier.events``, the
+dead-letter exchange ``courier.dlx`` and its queue ``courier.dead-letters`` — and the
+:class:`WorkQueue` type. It names no service's queue: each consuming service defines its own
+work queue(s) beside its handlers (binding keys, retry tiers, limits, from its settings) and
+declares them with the platform objects (:func:`declare_topology`). A publisher declares only
+the platform: it does not know who consumes.
+
+Every object is declared idempotently. When a queue already exists with other arguments,
+startup fails with :class:`TopologyMismatchError` naming the argument, instead of the broker's
+channel error surfacing somewhere else later.
 """
 
 from __future__ import annotations
@@ -32,7 +38,11 @@ class TopologyMismatchError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class WorkQueue:
-    """A quorum queue a service consumes, with its retry tiers and dead-lettering.
+    """A quorum queue a service consumes, with its retry tiers and dead-lettering: a route.
+
+    The consuming service defines it (name, the ``courier.events`` binding keys it wants, its
+    retry policy and limits); the runner retries through its tiers and dead-letters to
+    ``courier.dlx``; a replay comes back to it through the default exchange.
 
     ``delivery_limit`` catches the worker that dies before deciding (the broker counts the
     redelivery and dead-letters the message past the limit); ``max_length`` with
@@ -77,23 +87,29 @@ class WorkQueue:
         }
 
 
-#: The notification-service's work queue.
-NOTIFICATION_USER_EVENTS = WorkQueue(
-    name="notification.user-events",
-    binding_keys=("user.*",),
-)
-#: The dlq-archiver's erasure queue: it redacts a deleted user's dead letters.
-ARCHIVER_USER_EVENTS = WorkQueue(
-    name="dlq-archiver.user-events",
-    binding_keys=("user.deleted",),
-)
+@dataclass(frozen=True, slots=True)
+class DeadLetterQueue:
+    """``courier.dead-letters``: every dead letter, from ``courier.dlx``, for the archiver.
+
+    It has no dead-letter exchange of its own (a dead letter that died again would come back
+    to it), so its consumer never rejects: it stores, or gives the message back.
+    """
+
+    name: str = DEAD_LETTER_QUEUE
+
+    def arguments(self) -> dict[str, Any]:
+        return {"x-queue-type": "quorum"}
+
+
+#: The platform's dead-letter queue.
+DEAD_LETTERS = DeadLetterQueue()
 
 
 @dataclass(frozen=True, slots=True)
 class Topology:
-    """Everything Courier declares on one vhost."""
+    """What one service declares on its vhost: the platform, plus its own work queues."""
 
-    work_queues: tuple[WorkQueue, ...] = (NOTIFICATION_USER_EVENTS,)
+    work_queues: tuple[WorkQueue, ...] = ()
     events_exchange: str = EVENTS_EXCHANGE
     dead_letter_exchange: str = DEAD_LETTER_EXCHANGE
     dead_letter_queue: str = DEAD_LETTER_QUEUE
@@ -106,7 +122,7 @@ class Topology:
 
     @property
     def dead_letter_queue_arguments(self) -> dict[str, Any]:
-        return {"x-queue-type": "quorum"}
+        return DeadLetterQueue(self.dead_letter_queue).arguments()
 
 
 @dataclass(slots=True)

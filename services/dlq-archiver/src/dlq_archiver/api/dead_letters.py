@@ -213,7 +213,7 @@ async def show(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=ReplayAccepted,
     responses=problem_responses(401, 403, 404, 409, 422, 503),
-    summary="Replay one dead letter to its original route",
+    summary="Replay one dead letter to the queue it failed in",
 )
 async def replay_one(
     record_id: Id, _: AdminDep, archive: ArchiveDep, replayer: ReplayerDep

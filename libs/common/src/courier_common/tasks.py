@@ -1,11 +1,11 @@
-"""Stopping background tasks when a cancellation may be lost.
+"""Stopping background tasks on Python 3.11, where a cancellation can be lost.
 
-On Python 3.11, ``asyncio.wait_for`` swallows a cancellation that arrives as the awaited
-operation completes (CPython gh-86296, fixed in 3.12), and redis-py sends every command
-through ``wait_for`` when a socket timeout is set. A task cancelled during a Redis call can
-therefore carry on as if nothing happened: a loop never ends, and shutdown waits for it
-forever. So the archiver's loops also watch a stop event, and a task is cancelled again
-until it ends, within a bound.
+``asyncio.wait_for`` swallows a cancellation that arrives as the awaited operation completes
+(CPython gh-86296, fixed in 3.12), and redis-py sends every command through ``wait_for`` when a
+socket timeout is set. A task cancelled during a Redis call can therefore carry on as if
+nothing happened: a loop never ends, and shutdown waits for it forever. So loops also watch a
+stop event (:func:`pause`), and :func:`cancel_and_wait` cancels again until a task ends,
+within a bound.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterable
+from typing import Any
 
 from courier_common.logging import get_logger
 
@@ -22,7 +23,7 @@ log = get_logger(__name__)
 _RECANCEL_INTERVAL = 0.1
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Task[None]], *, timeout: float = 2.0) -> bool:
+async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], *, timeout: float = 2.0) -> bool:
     """Cancel ``tasks`` (again, if a cancellation is lost) until they end, up to ``timeout``.
 
     True when every task ended; the ones that did not are logged and left behind.
