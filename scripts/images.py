@@ -154,6 +154,19 @@ def start_dockerd() -> None:
     )
 
 
+def find_client() -> str:
+    """The docker client `make images` builds with, its daemon answering; nothing installed."""
+    candidates = _client_candidates()
+    builders = [c for c in candidates if can_build_with_buildkit(c)]
+    if not builders:
+        raise ImagesError(
+            f"no docker client with BuildKit (tried {candidates or 'none'}): run `make images`"
+        )
+    if not daemon_answers(builders[0]):
+        raise ImagesError(f"the Docker daemon does not answer {builders[0]}: run `make images`")
+    return builders[0]
+
+
 def _have_dockerd() -> bool:
     return bool(shutil.which("dockerd")) or Path("/usr/sbin/dockerd").is_file()
 
