@@ -30,6 +30,7 @@ images: setup ## Build every image on a real engine (installs/starts Docker; bas
 
 test-images: images ## Run each image as the chart runs its pod, against RabbitMQ and Redis (not in make test)
 	@$(UV) run --locked pytest tests/images $(PYTEST_ARGS)
+	@sed -n '1,/^### /p' var/images/layers.md | sed '$$d'
 
 faults: setup ## The full fault and bad-input matrix (private RabbitMQ/Redis); writes docs/faults-report.md
 	@$(UV) run --locked pytest tests/faults --fault-matrix --fault-report docs/faults-report.md $(PYTEST_ARGS)
