@@ -25,6 +25,7 @@ VALUES_FILES: dict[str, str | None] = {
     "dev": "values-dev.yaml",
     "prod": "values-prod.yaml",
     "keda": "values-keda.yaml",
+    "hpa": "values-hpa.yaml",
     "none": "values-none.yaml",
 }
 
