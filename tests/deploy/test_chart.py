@@ -9,7 +9,6 @@ import re
 from typing import Any
 
 import helm_python
-import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed
 import pytest
 from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
 from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
@@ -17,7 +16,6 @@ from pydantic import BaseModel
 
 from tests.support.deploy import (
     CHART_DIR,
-    CRD_KINDS,
     KUBE_VERSIONS,
     NAMESPACE,
     VALUES_FILES,
@@ -25,6 +23,8 @@ from tests.support.deploy import (
     of_kind,
     pod_spec,
     render_objects,
+    validate_crds,
+    validate_strict,
     values_for,
 )
 
@@ -145,24 +145,12 @@ def test_every_value_is_commented() -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_every_object_passes_kubernetes_validate_strict(variant: str, kube_version: str) -> None:
-    objects = [o for o in render_objects(variant) if o["kind"] not in CRD_KINDS]
-    assert objects
-    for obj in objects:
-        try:
-            kubernetes_validate.validate(obj, kube_version, strict=True)
-        except kubernetes_validate.ValidationError as error:
-            pytest.fail(
-                f"{obj['kind']}/{obj['metadata']['name']} ({kube_version}): {error.message}"
-            )
+    validate_strict(render_objects(variant), kube_version, variant)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_crd_objects_validate_with_the_cloudcoil_models(variant: str) -> None:
-    crds = [o for o in render_objects(variant) if o["kind"] in CRD_KINDS]
-    for obj in crds:
-        model = CRD_MODELS[obj["kind"]].model_validate(obj)
-        # The models ignore unknown fields; a lossless round trip proves there are none.
-        assert model.model_dump(mode="json", by_alias=True, exclude_unset=True) == obj, obj["kind"]
+    seen = validate_crds(render_objects(variant), variant)
     keda = {"ScaledObject", "TriggerAuthentication"}
     expected = {
         "default": {"ServiceMonitor", "PrometheusRule", *keda},
@@ -172,7 +160,7 @@ def test_crd_objects_validate_with_the_cloudcoil_models(variant: str) -> None:
         "none": {"ServiceMonitor", "PrometheusRule"},
         "dev": set(),
     }[variant]
-    assert {o["kind"] for o in crds} == expected
+    assert seen == expected
 
 
 # --- Pod hardening, probes, resources --------------------------------------------------------

@@ -15,20 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed
 import pytest
-from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
-from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
-from pydantic import BaseModel
 
 from tests.support.deploy import (
-    CRD_KINDS,
     K8S_DIR,
     KUBE_VERSIONS,
     NAMESPACE,
     ROOT,
     load_yaml_docs,
     load_yaml_file,
+    validate_crds,
+    validate_strict,
 )
 
 SCRIPT = ROOT / "scripts" / "render_manifests.py"
@@ -158,13 +155,6 @@ def test_addons_are_documented_and_parse() -> None:
 
 # --- the overlays, rendered by kustomize ------------------------------------------------------
 
-CRD_MODELS: dict[str, type[BaseModel]] = {
-    "ScaledObject": ScaledObject,
-    "TriggerAuthentication": TriggerAuthentication,
-    "ServiceMonitor": ServiceMonitor,
-    "PrometheusRule": PrometheusRule,
-}
-
 
 @dataclass(frozen=True)
 class Documented:
@@ -227,13 +217,7 @@ def test_kubectl_has_kustomize_built_in() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_overlay_render_passes_kubernetes_validate_strict(overlay: str, kube_version: str) -> None:
-    objects = [o for o in render_overlay(overlay) if o["kind"] not in CRD_KINDS]
-    assert objects
-    for obj in objects:
-        try:
-            kubernetes_validate.validate(obj, kube_version, strict=True)
-        except kubernetes_validate.ValidationError as error:
-            pytest.fail(f"{overlay}: {obj['kind']}/{obj['metadata']['name']}: {error.message}")
+    validate_strict(render_overlay(overlay), kube_version, f"k8s/overlays/{overlay}")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -244,9 +228,7 @@ def test_overlay_render_crds_validate_and_runs_what_is_documented(overlay: str) 
         where = f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
         assert obj["metadata"].get("namespace") == NAMESPACE, where
         assert obj["metadata"]["labels"].get("app.kubernetes.io/managed-by") == "kubectl", where
-        if obj["kind"] in CRD_KINDS:
-            model = CRD_MODELS[obj["kind"]].model_validate(obj)
-            assert model.model_dump(mode="json", by_alias=True, exclude_unset=True) == obj, where
+    validate_crds(objects, f"k8s/overlays/{overlay}")
     deployments = {
         d["metadata"]["name"].removeprefix("courier-"): d
         for d in objects

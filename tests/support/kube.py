@@ -21,7 +21,7 @@ import pytest
 
 from tests.support.deploy import of_kind
 from tests.support.fixtures import USER as BROKER_ADMIN_USER
-from tests.support.fixtures import BrokerAdmin, BrokerVhost
+from tests.support.fixtures import BrokerAdmin, BrokerVhost, alive
 
 TEST_USER_PREFIX = "courier-test-run-"
 _VAR_REF = re.compile(r"\$\((\w+)\)|\$\$")
@@ -180,13 +180,3 @@ def broker_user(broker_admin: BrokerAdmin, vhost: BrokerVhost) -> Iterator[str]:
     finally:
         response = client.delete(f"/api/users/{quote(user, safe='')}")
         assert response.status_code in (204, 404), response.text
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
