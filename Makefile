@@ -8,10 +8,10 @@ UV ?= uv
 PYTEST_ARGS ?=
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: help setup run test test-fast faults lint fmt manifests dashboards clean bench
+.PHONY: help setup run test test-fast test-images images faults lint fmt manifests dashboards clean bench
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: ## Install uv if missing, sync the locked environment, start RabbitMQ and Redis
 	@bash scripts/bootstrap.sh
@@ -24,6 +24,13 @@ test: setup lint ## Lint, then run every test against the real RabbitMQ and Redi
 
 test-fast: ## Tests without set-up or lint (services must already be up)
 	@$(UV) run --locked pytest -m "not fault" $(PYTEST_ARGS)
+
+images: setup ## Build every image on a real engine (installs/starts Docker; base stand-ins offline)
+	@$(UV) run --locked python scripts/images.py $(IMAGES_ARGS)
+
+test-images: images ## Run each image as the chart runs its pod, against RabbitMQ and Redis (not in make test)
+	@$(UV) run --locked pytest tests/images $(PYTEST_ARGS)
+	@sed -n '1,/^### /p' var/images/layers.md | sed '$$d'
 
 faults: setup ## The full fault and bad-input matrix (private RabbitMQ/Redis); writes docs/faults-report.md
 	@$(UV) run --locked pytest tests/faults --fault-matrix --fault-report docs/faults-report.md $(PYTEST_ARGS)

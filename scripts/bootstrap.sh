@@ -11,6 +11,9 @@
 #                  A service that is already running is never stopped or restarted.
 #   4. tools       promtool and prometheus (Debian package prometheus, installed with apt if
 #                  missing; never started as a daemon): metric lint, rule tests, live chain.
+#                  kubectl (kustomize built in; the overlay tests render with it): installed
+#                  with apt when an apt source offers it, else a failure under CI and a
+#                  warning otherwise (Debian's own archive has no kubectl).
 #
 # Options:
 #   --no-sync        skip step 2
@@ -532,6 +535,26 @@ ensure_prometheus() {
         "(for promtool and the live-chain test; the tests start their own server)"
 }
 
+# kubectl renders k8s/overlays in tests/deploy (`kubectl kustomize`).
+ensure_kubectl() {
+    local candidate
+    if have kubectl; then
+        info "kubectl: $(kubectl version --client 2>/dev/null | head -n 1) present"
+        return
+    fi
+    candidate=$(apt-cache policy kubectl 2>/dev/null | awk '/Candidate:/ { print $2 }')
+    if [[ -n $candidate && $candidate != "(none)" ]]; then
+        apt_install kubectl "kubectl" "install kubectl (v1.27+, kustomize built in), then re-run"
+        say "kubectl: not installed, installed kubectl $(pkg_version kubectl) with apt"
+        return
+    fi
+    local message="kubectl is not installed and no apt source offers it: install kubectl (v1.27+, kustomize built in; https://kubernetes.io/docs/tasks/tools/) — the overlay tests render k8s/overlays with it"
+    if [[ -n ${CI:-} ]]; then
+        die "$message"
+    fi
+    warn "$message"
+}
+
 # ---------------------------------------------------------------------------------------------
 # main
 
@@ -560,7 +583,10 @@ main() {
     if ((DO_SYNC)); then sync_workspace; fi
     ensure_rabbitmq
     ensure_redis
-    if ((DO_TOOLS)); then ensure_prometheus; fi
+    if ((DO_TOOLS)); then
+        ensure_prometheus
+        ensure_kubectl
+    fi
     info "ready ($(elapsed "$t0"))"
 }
 

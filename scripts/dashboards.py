@@ -532,9 +532,10 @@ def overview() -> Board:
         graph(
             "Replicas against the HPA target",
             "notification-service replicas up (scrape targets answering) against the replicas the "
-            "HPA asks for: work queue depth / $messages_per_replica, rounded up (its "
-            "AverageValue formula). The HPA clamps that target to minReplicas..maxReplicas "
-            "and smooths it with its stabilisation windows.",
+            "HPA asks for (KEDA's, in the default keda mode, or the chart's in hpa mode): work "
+            "queue depth / $messages_per_replica, rounded up (the AverageValue formula). The HPA "
+            "clamps that target to minReplicas..maxReplicas and smooths it with its "
+            "stabilisation windows.",
             "short",
             Query(f"count(up{notifications} == 1)", "replicas"),
             Query(

@@ -9,7 +9,6 @@ import re
 from typing import Any
 
 import helm_python
-import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed
 import pytest
 from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
 from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
@@ -17,7 +16,6 @@ from pydantic import BaseModel
 
 from tests.support.deploy import (
     CHART_DIR,
-    CRD_KINDS,
     KUBE_VERSIONS,
     NAMESPACE,
     VALUES_FILES,
@@ -25,6 +23,8 @@ from tests.support.deploy import (
     of_kind,
     pod_spec,
     render_objects,
+    validate_crds,
+    validate_strict,
     values_for,
 )
 
@@ -145,32 +145,22 @@ def test_every_value_is_commented() -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 def test_every_object_passes_kubernetes_validate_strict(variant: str, kube_version: str) -> None:
-    objects = [o for o in render_objects(variant) if o["kind"] not in CRD_KINDS]
-    assert objects
-    for obj in objects:
-        try:
-            kubernetes_validate.validate(obj, kube_version, strict=True)
-        except kubernetes_validate.ValidationError as error:
-            pytest.fail(
-                f"{obj['kind']}/{obj['metadata']['name']} ({kube_version}): {error.message}"
-            )
+    validate_strict(render_objects(variant), kube_version, variant)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_crd_objects_validate_with_the_cloudcoil_models(variant: str) -> None:
-    crds = [o for o in render_objects(variant) if o["kind"] in CRD_KINDS]
-    for obj in crds:
-        model = CRD_MODELS[obj["kind"]].model_validate(obj)
-        # The models ignore unknown fields; a lossless round trip proves there are none.
-        assert model.model_dump(mode="json", by_alias=True, exclude_unset=True) == obj, obj["kind"]
+    seen = validate_crds(render_objects(variant), variant)
+    keda = {"ScaledObject", "TriggerAuthentication"}
     expected = {
-        "default": {"ServiceMonitor", "PrometheusRule"},
-        "prod": {"ServiceMonitor", "PrometheusRule"},
-        "keda": {"ServiceMonitor", "PrometheusRule", "ScaledObject", "TriggerAuthentication"},
+        "default": {"ServiceMonitor", "PrometheusRule", *keda},
+        "prod": {"ServiceMonitor", "PrometheusRule", *keda},
+        "keda": {"ServiceMonitor", "PrometheusRule", *keda},
+        "hpa": {"ServiceMonitor", "PrometheusRule"},
         "none": {"ServiceMonitor", "PrometheusRule"},
         "dev": set(),
     }[variant]
-    assert {o["kind"] for o in crds} == expected
+    assert seen == expected
 
 
 # --- Pod hardening, probes, resources --------------------------------------------------------
@@ -260,7 +250,8 @@ def test_settings_come_from_the_configmap_and_the_existing_secret() -> None:
 
 
 def test_hpa_scales_notification_service_on_the_metric_the_adapter_serves() -> None:
-    objects = render_objects("default")
+    objects = render_objects("hpa")
+    assert not of_kind(objects, "ScaledObject")
     (hpa,) = of_kind(objects, "HorizontalPodAutoscaler")
     assert hpa["apiVersion"] == "autoscaling/v2"
     assert hpa["spec"]["scaleTargetRef"] == {
@@ -281,22 +272,67 @@ def test_hpa_scales_notification_service_on_the_metric_the_adapter_serves() -> N
     assert "replicas" not in _deployment(objects, "notification-service")["spec"]
 
 
-def test_keda_mode_renders_a_scaledobject_over_http_with_secret_auth() -> None:
-    objects = render_objects("keda")
+@pytest.mark.parametrize("variant", ["default", "keda", "prod"])
+def test_keda_is_the_default_a_scaledobject_over_http_with_secret_auth(variant: str) -> None:
+    objects = render_objects(variant)
+    values = values_for(variant) or {}
     assert not of_kind(objects, "HorizontalPodAutoscaler")
     (scaled,) = of_kind(objects, "ScaledObject")
     (auth,) = of_kind(objects, "TriggerAuthentication")
-    assert scaled["spec"]["scaleTargetRef"]["name"] == "courier-notification-service"
-    (trigger,) = scaled["spec"]["triggers"]
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == "courier-notification-service"
+    (trigger,) = spec["triggers"]
     assert trigger["type"] == "rabbitmq"
-    assert trigger["metadata"]["protocol"] == "http"  # unacked messages count
+    assert trigger["metadata"]["protocol"] == "http"  # the management API: ready + unacked
     assert trigger["metadata"]["mode"] == "QueueLength"
     assert trigger["metadata"]["queueName"] == "notification.user-events"
+    assert trigger["metadata"]["value"] == "100"
     assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
     assert auth["spec"]["secretTargetRef"] == [
         {"parameter": "host", "name": "courier-secrets", "key": "amqp-management-url"}
     ]
+    # Never to zero: the last consumer is never removed while it holds messages.
+    assert spec["minReplicaCount"] >= 1
+    assert spec["minReplicaCount"] == values.get("autoscaling", {}).get("minReplicas", 2)
+    grace = _deployment(objects, "notification-service")["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"
+    ]
+    assert spec["cooldownPeriod"] > grace, "cooldown longer than a worker's drain"
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] > grace
+    assert behavior["scaleDown"]["policies"] == [
+        {"type": "Percent", "value": 50, "periodSeconds": 60}
+    ]
+    assert behavior["scaleUp"]["stabilizationWindowSeconds"] == 0
+    assert spec["fallback"]["replicas"] >= spec["minReplicaCount"]
+    assert spec["advanced"]["restoreToOriginalReplicaCount"] is False
+    # KEDA's HPA owns the replica count: the Deployment must not fight it.
     assert "replicas" not in _deployment(objects, "notification-service")["spec"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "why"),
+    [
+        ({"autoscaling": {"keda": {"cooldownPeriod": 30}}}, "cooldownPeriod (30) must be longer"),
+        (
+            {"autoscaling": {"scaleDown": {"stabilizationWindowSeconds": 60}}},
+            "stabilizationWindowSeconds (60) must be longer",
+        ),
+    ],
+)
+def test_autoscaling_shorter_than_the_drain_is_refused(bad: dict[str, Any], why: str) -> None:
+    with (
+        helm_python.Chart.load(CHART_DIR) as chart,
+        pytest.raises(helm_python.HelmError, match=re.escape(why)),
+    ):
+        chart.render(bad, name="courier", namespace=NAMESPACE)
+
+
+def test_scale_to_zero_is_refused_by_the_schema() -> None:
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        with pytest.raises(helm_python.HelmValuesError) as excinfo:
+            chart.validate_schema(chart.merge_values({"autoscaling": {"minReplicas": 0}}))
+        assert "/autoscaling/minReplicas" in str(excinfo.value)
 
 
 def test_none_mode_renders_fixed_replicas() -> None:

@@ -1,4 +1,4 @@
-"""checkov on the rendered chart: 0 failed for the default, prod, keda and none values.
+"""checkov on the rendered chart: 0 failed for the default, prod, keda, hpa and none values.
 
 checkov runs from its own isolated environment (`uvx --from checkov==<pinned>`, never a project
 dependency: it pins too many packages), offline (`--framework kubernetes --skip-download`,
@@ -31,7 +31,7 @@ from tests.support.deploy import CHART_DIR, load_yaml_file, render
 #: Pinned so CI is reproducible; bump deliberately (newest: `pip download --no-deps checkov`).
 CHECKOV_VERSION = "3.3.30"
 CONFIG = CHART_DIR / "checkov.yaml"
-VARIANTS = ("default", "prod", "keda", "none")
+VARIANTS = ("default", "prod", "keda", "hpa", "none")
 WORKLOADS = ("user-service", "notification-service", "dlq-archiver")
 #: Generous: a cold `uvx` install plus a scan takes well under a minute.
 TIMEOUT_SECONDS = 420

@@ -1,18 +1,32 @@
 """k8s/: the rendered base never drifts from the chart, and the overlays are kustomizations
-whose every reference resolves (files exist, patches name objects the base has)."""
+whose every reference resolves (files exist, patches name objects the base has). Each overlay
+is rendered with `kubectl kustomize` (kustomize built into kubectl) and held to the checks
+the chart's renders get: strict Kubernetes 1.29 and 1.33 schemas, the KEDA and Prometheus
+Operator models, one namespace, the images and the replica counts k8s/README.md gives."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.deploy import K8S_DIR, ROOT, load_yaml_docs, load_yaml_file
+from tests.support.deploy import (
+    K8S_DIR,
+    KUBE_VERSIONS,
+    NAMESPACE,
+    ROOT,
+    load_yaml_docs,
+    load_yaml_file,
+    validate_crds,
+    validate_strict,
+)
 
 SCRIPT = ROOT / "scripts" / "render_manifests.py"
 BASE = K8S_DIR / "base"
@@ -64,9 +78,20 @@ def test_k8s_base_files_are_marked_generated_and_listed() -> None:
         "Service",
         "ConfigMap",
         "NetworkPolicy",
-        "HorizontalPodAutoscaler",
+        "ScaledObject",  # KEDA is the chart's default autoscaler
+        "TriggerAuthentication",
     } <= kinds
+    assert "HorizontalPodAutoscaler" not in kinds  # KEDA makes its own
     assert "Pod" not in kinds  # helm test hooks are not plain manifests
+
+
+def test_k8s_base_does_not_claim_helm_manages_it() -> None:
+    """kubectl applies k8s/base; no Helm release owns what it creates."""
+    for obj in _base_objects():
+        labels = obj["metadata"].get("labels", {})
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert labels.get("app.kubernetes.io/managed-by") == "kubectl", where
+    assert "managed-by: Helm" not in "".join(p.read_text() for p in BASE.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -126,3 +151,109 @@ def test_addons_are_documented_and_parse() -> None:
     (endpoint,) = monitor["spec"]["endpoints"]
     assert endpoint["path"] == "/metrics/detailed"
     assert endpoint["params"]["family"] == ["queue_coarse_metrics", "queue_consumer_count"]
+
+
+# --- the overlays, rendered by kustomize ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Documented:
+    """What k8s/README.md says an overlay runs."""
+
+    replicas: dict[str, int | None]  # per Deployment; None: the autoscaler owns it
+    image: str  # per service, {service} filled in
+    scaling: tuple[int, int] | None  # the ScaledObject's floor and ceiling; None: no KEDA
+
+
+DOCUMENTED = {
+    "dev": Documented(
+        replicas={"user-service": 1, "notification-service": 1, "dlq-archiver": 1},
+        image="courier/{service}:0.1.0",
+        scaling=None,
+    ),
+    "prod": Documented(
+        replicas={"user-service": 3, "notification-service": None, "dlq-archiver": 2},
+        image="ghcr.io/courier/{service}:0.1.0",
+        scaling=(3, 30),
+    ),
+}
+
+
+def _kubectl() -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        message = "kubectl is not installed: the overlays are rendered with `kubectl kustomize`"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    return kubectl
+
+
+def render_overlay(overlay: str) -> list[dict[str, Any]]:
+    result = subprocess.run(
+        [_kubectl(), "kustomize", str(K8S_DIR / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, f"kubectl kustomize k8s/overlays/{overlay}:\n{result.stderr}"
+    return load_yaml_docs(result.stdout)
+
+
+def test_kubectl_has_kustomize_built_in() -> None:
+    result = subprocess.run(
+        [_kubectl(), "version", "--client", "-o", "yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    version = load_yaml_docs(result.stdout)[0]
+    assert re.match(r"v5\.", version.get("kustomizeVersion", "")), version
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_overlay_render_passes_kubernetes_validate_strict(overlay: str, kube_version: str) -> None:
+    validate_strict(render_overlay(overlay), kube_version, f"k8s/overlays/{overlay}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_render_crds_validate_and_runs_what_is_documented(overlay: str) -> None:
+    objects = render_overlay(overlay)
+    documented = DOCUMENTED[overlay]
+    for obj in objects:
+        where = f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
+        assert obj["metadata"].get("namespace") == NAMESPACE, where
+        assert obj["metadata"]["labels"].get("app.kubernetes.io/managed-by") == "kubectl", where
+    validate_crds(objects, f"k8s/overlays/{overlay}")
+    deployments = {
+        d["metadata"]["name"].removeprefix("courier-"): d
+        for d in objects
+        if d["kind"] == "Deployment"
+    }
+    assert set(deployments) == set(documented.replicas)
+    for service, replicas in documented.replicas.items():
+        spec = deployments[service]["spec"]
+        assert spec.get("replicas") == replicas, f"{overlay}: {service} replicas"
+        (container,) = spec["template"]["spec"]["containers"]
+        assert container["image"] == documented.image.format(service=service)
+    scaled = [o for o in objects if o["kind"] == "ScaledObject"]
+    auth = [o for o in objects if o["kind"] == "TriggerAuthentication"]
+    assert not [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
+    if documented.scaling is None:
+        assert not scaled, f"{overlay} runs no autoscaler"
+        assert not auth
+    else:
+        (only,) = scaled
+        floor, ceiling = documented.scaling
+        assert (only["spec"]["minReplicaCount"], only["spec"]["maxReplicaCount"]) == (
+            floor,
+            ceiling,
+        )
+        assert only["spec"]["scaleTargetRef"]["name"] == "courier-notification-service"
+        (trigger,) = only["spec"]["triggers"]
+        assert trigger["metadata"]["protocol"] == "http"
+        assert [a["metadata"]["name"] for a in auth] == [trigger["authenticationRef"]["name"]]

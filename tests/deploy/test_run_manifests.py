@@ -32,158 +32,35 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
 import pytest
 
 from tests.support.deploy import ROOT, of_kind, render_objects
-from tests.support.fixtures import USER as BROKER_ADMIN_USER
 from tests.support.fixtures import BrokerAdmin, BrokerVhost
+from tests.support.kube import (
+    PortMap,
+    broker_user,
+    container_port,
+    expand,
+    matches,
+    resolve_env,
+)
 
 pytestmark = pytest.mark.slow
 
 VENV_BIN = ROOT / ".venv" / "bin"
 #: What a container gets besides its manifest env; the image sets PATH, the rest is hygiene.
 BASE_ENV = {"LANG": "C.UTF-8", "PYTHONUNBUFFERED": "1"}
-TEST_USER_PREFIX = "courier-test-run-"
-_VAR_REF = re.compile(r"\$\((\w+)\)|\$\$")
-
-
-# --- Kubernetes semantics --------------------------------------------------------------------
-
-
-def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
-def _expand(value: str, env: dict[str, str]) -> str:
-    """Kubernetes ``$(VAR)`` expansion: defined names are replaced, ``$$`` is a literal ``$``,
-    undefined references stay as written."""
-
-    def replace(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name = match.group(1)
-        return env.get(name, match.group(0))
-
-    return _VAR_REF.sub(replace, value)
-
-
-def _named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any] | None:
-    found = [o for o in of_kind(objects, kind) if o["metadata"]["name"] == name]
-    return found[0] if found else None
-
-
-def resolve_env(
-    container: dict[str, Any],
-    objects: list[dict[str, Any]],
-    secrets_by_name: dict[str, dict[str, str]],
-) -> dict[str, str]:
-    """The container's environment as the kubelet builds it: ``envFrom`` in order (later
-    sources win, optional ``prefix``), then ``env`` in order (overriding ``envFrom``), each
-    ``value`` with ``$(VAR)`` expanded against what is defined before it."""
-
-    def config_map(name: str) -> dict[str, str] | None:
-        cm = _named(objects, "ConfigMap", name)
-        return None if cm is None else {k: str(v) for k, v in (cm.get("data") or {}).items()}
-
-    def lookup(kind: str, ref: dict[str, Any]) -> dict[str, str] | None:
-        return config_map(ref["name"]) if kind == "ConfigMap" else secrets_by_name.get(ref["name"])
-
-    env: dict[str, str] = {}
-    for source in container.get("envFrom", []):
-        kind, ref = (
-            ("ConfigMap", source["configMapRef"])
-            if "configMapRef" in source
-            else ("Secret", source["secretRef"])
-        )
-        data = lookup(kind, ref)
-        if data is None:
-            assert ref.get("optional"), f"envFrom {kind} {ref['name']} does not exist"
-            continue
-        prefix = source.get("prefix", "")
-        env.update({prefix + k: v for k, v in data.items()})
-    for var in container.get("env", []):
-        name = var["name"]
-        if "value" in var:
-            env[name] = _expand(str(var["value"]), env)
-            continue
-        if "valueFrom" not in var:
-            env[name] = ""
-            continue
-        value_from = var["valueFrom"]
-        for key, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
-            if key in value_from:
-                ref = value_from[key]
-                data = lookup(kind, ref)
-                if data is None or ref["key"] not in data:
-                    # The kubelet refuses to start the container (CreateContainerConfigError).
-                    assert ref.get("optional"), (
-                        f"env {name}: {kind} {ref['name']} has no key {ref['key']!r}"
-                    )
-                    break
-                env[name] = data[ref["key"]]
-                break
-        else:
-            pytest.fail(f"env {name}: unsupported valueFrom {value_from}")
-    return env
-
-
-def container_port(container: dict[str, Any], port: int | str) -> int:
-    """A probe's or Service's ``port``/``targetPort``: a number, or a container port name."""
-    if isinstance(port, int):
-        return port
-    if port.isdigit():
-        return int(port)
-    (number,) = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == port]
-    return int(number)
 
 
 # --- this machine ------------------------------------------------------------------------------
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-        return True
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("0.0.0.0", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class PortMap:
-    """Rendered port → the port used here: the same one when free, else a free one."""
-
-    def __init__(self) -> None:
-        self.ports: dict[int, int] = {}
-
-    def __call__(self, rendered: int) -> int:
-        if rendered not in self.ports:
-            taken = set(self.ports.values())
-            port = rendered if _port_is_free(rendered) and rendered not in taken else 0
-            while port == 0 or port in taken:
-                port = _free_port()
-            self.ports[rendered] = port
-        return self.ports[rendered]
-
-    def remapped(self) -> dict[int, int]:
-        return {k: v for k, v in self.ports.items() if k != v}
 
 
 @dataclass
@@ -245,44 +122,9 @@ class Pod:
 
 @pytest.fixture
 def broker_url(broker_admin: BrokerAdmin, vhost: BrokerVhost) -> Iterator[str]:
-    """An AMQP URL for a user made for this test, with a random password, on its vhost.
-
-    Tagged ``monitoring`` so the management API (which the services derive from the AMQP URL
-    for queue-depth gauges) answers it."""
-    client = broker_admin.client
-    for user in client.get("/api/users").json():  # left by a crashed run
-        name = user["name"]
-        if name.startswith(TEST_USER_PREFIX):
-            pid = name[len(TEST_USER_PREFIX) :].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                client.delete(f"/api/users/{quote(name, safe='')}")
-    user = f"{TEST_USER_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
-    password = secrets.token_urlsafe(24)
-    client.put(
-        f"/api/users/{quote(user, safe='')}", json={"password": password, "tags": "monitoring"}
-    ).raise_for_status()
-    try:
-        client.put(
-            f"/api/permissions/{quote(vhost.name, safe='')}/{quote(user, safe='')}",
-            json={"configure": ".*", "write": ".*", "read": ".*"},
-        ).raise_for_status()
-        parts = urlsplit(vhost.amqp_url)
-        assert parts.username == BROKER_ADMIN_USER
-        netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{parts.hostname}:{parts.port}"
-        yield urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    finally:
-        response = client.delete(f"/api/users/{quote(user, safe='')}")
-        assert response.status_code in (204, 404), response.text
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """An AMQP URL for a user made for this test (not guest), on its vhost."""
+    with broker_user(broker_admin, vhost) as url:
+        yield url
 
 
 # --- building the pods from the manifests ----------------------------------------------------
@@ -318,9 +160,9 @@ def _scrapes(
         for service in of_kind(objects, "Service"):
             if service["metadata"].get("namespace") != namespace:
                 continue
-            if not _matches(selector, service["metadata"].get("labels", {})):
+            if not matches(selector, service["metadata"].get("labels", {})):
                 continue
-            if not _matches(service["spec"].get("selector", {}), pod_labels):
+            if not matches(service["spec"].get("selector", {}), pod_labels):
                 continue
             for endpoint in monitor["spec"]["endpoints"]:
                 (service_port,) = [
@@ -352,7 +194,7 @@ def build_pods(
         (container,) = spec["containers"]
         assert not spec.get("initContainers"), f"{name}: init containers are not run here"
         env = resolve_env(container, objects, secrets_by_name)
-        argv = [_expand(a, env) for a in [*container["command"], *container.get("args", [])]]
+        argv = [expand(a, env) for a in [*container["command"], *container.get("args", [])]]
         script = VENV_BIN / argv[0]
         assert script.is_file(), f"{name}: command {argv[0]!r} is not a console script in .venv"
         argv[0] = str(script)

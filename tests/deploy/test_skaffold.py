@@ -18,13 +18,13 @@ from typing import Any
 import helm_python
 import pytest
 
-from tests.support.images import REPO_ROOT, parse_dockerfile
+from tests.support.images import REPO_ROOT, SERVICE_DOCKERFILE, default_http_port
 
 # Loaded this way so the module type-checks with or without types-PyYAML installed.
 yaml: Any = importlib.import_module("yaml")
 
 SKAFFOLD = REPO_ROOT / "skaffold.yaml"
-SERVICES = sorted(p.parent.name for p in (REPO_ROOT / "services").glob("*/Dockerfile"))
+SERVICES = sorted(p.parent.name for p in (REPO_ROOT / "services").glob("*/pyproject.toml"))
 PROFILES = ["dev", "kustomize", "keda"]
 VARIANTS: list[str | None] = [None, *PROFILES]
 RELEASE = "courier"
@@ -89,9 +89,8 @@ def artifact_images(variant: str | None = None) -> dict[str, str]:
     """Service → the image skaffold builds for it (services only, not the dev sinks)."""
     images = {}
     for artifact in effective(variant)["build"]["artifacts"]:
-        dockerfile = Path(artifact["docker"]["dockerfile"])
-        if dockerfile.parts[0] == "services":
-            images[dockerfile.parent.name] = artifact["image"]
+        if Path(artifact["docker"]["dockerfile"]) == SERVICE_DOCKERFILE.relative_to(REPO_ROOT):
+            images[artifact["docker"]["buildArgs"]["PACKAGE"]] = artifact["image"]
     return images
 
 
@@ -106,9 +105,18 @@ def built_images(variant: str | None) -> list[str]:
 
 
 def exposed_port(service: str) -> int:
-    df = parse_dockerfile(REPO_ROOT / "services" / service / "Dockerfile")
-    (expose,) = df.final.all("EXPOSE")
-    return int(expose.value.split("/")[0])
+    """The HTTP_PORT skaffold builds the service's image with (its EXPOSE), which must be the
+    service's own default port."""
+    (artifact,) = [
+        a
+        for a in load_config()["build"]["artifacts"]
+        if a["docker"].get("buildArgs", {}).get("PACKAGE") == service
+    ]
+    port = int(artifact["docker"]["buildArgs"]["HTTP_PORT"])
+    package = service.replace("-", "_")
+    config = REPO_ROOT / "services" / service / "src" / package / "config.py"
+    assert port == default_http_port(config), f"{service}: HTTP_PORT {port}"
+    return port
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -205,8 +213,8 @@ def test_builds_one_image_per_service_from_the_repository_root() -> None:
         context = REPO_ROOT / artifact["context"]
         assert context.resolve() == REPO_ROOT, "the services share the workspace: root context"
         dockerfile = context / artifact["docker"]["dockerfile"]
-        assert dockerfile.is_file(), dockerfile
-        assert artifact["image"] == f"courier/{dockerfile.parent.name}"
+        assert dockerfile == SERVICE_DOCKERFILE, "one Dockerfile for every service"
+        assert artifact["image"] == f"courier/{artifact['docker']['buildArgs']['PACKAGE']}"
 
 
 def test_dev_profile_also_builds_the_sinks_image() -> None:

@@ -195,7 +195,7 @@ def _render(values: dict[str, Any]) -> list[dict[str, Any]]:
     return objects
 
 
-@pytest.mark.parametrize("variant", ["default", "prod", "keda", "none"])
+@pytest.mark.parametrize("variant", ["default", "prod", "keda", "hpa", "none"])
 def test_chart_prometheusrule_has_exactly_the_rules_files_groups(variant: str) -> None:
     (rule,) = of_kind(render_objects(variant), "PrometheusRule")
     assert rule["metadata"]["namespace"] == NAMESPACE

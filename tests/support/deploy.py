@@ -9,6 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import helm_python
+import kubernetes_validate  # type: ignore[import-untyped]  # ships no py.typed
+import pytest
+from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
+from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
+from pydantic import BaseModel
 
 # Loaded this way so the module type-checks with or without types-PyYAML installed.
 yaml: Any = importlib.import_module("yaml")
@@ -25,6 +30,7 @@ VALUES_FILES: dict[str, str | None] = {
     "dev": "values-dev.yaml",
     "prod": "values-prod.yaml",
     "keda": "values-keda.yaml",
+    "hpa": "values-hpa.yaml",
     "none": "values-none.yaml",
 }
 
@@ -33,6 +39,39 @@ KUBE_VERSIONS = ("1.29", "1.33")
 
 #: Kinds that are CRDs (no kubernetes-validate schema): validated with the cloudcoil models.
 CRD_KINDS = frozenset({"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"})
+CRD_MODELS: dict[str, type[BaseModel]] = {
+    "ScaledObject": ScaledObject,
+    "TriggerAuthentication": TriggerAuthentication,
+    "ServiceMonitor": ServiceMonitor,
+    "PrometheusRule": PrometheusRule,
+}
+
+
+def validate_strict(objects: list[dict[str, Any]], kube_version: str, where: str) -> None:
+    """Every non-CRD object against the Kubernetes schema of ``kube_version``, strictly."""
+    checked = [o for o in objects if o["kind"] not in CRD_KINDS]
+    assert checked, f"{where}: nothing to validate"
+    for obj in checked:
+        try:
+            kubernetes_validate.validate(obj, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(
+                f"{where}: {obj['kind']}/{obj['metadata']['name']} ({kube_version}): "
+                f"{error.message}"
+            )
+
+
+def validate_crds(objects: list[dict[str, Any]], where: str) -> set[str]:
+    """The CRD objects against their models, losslessly; returns the kinds seen."""
+    kinds: set[str] = set()
+    for obj in objects:
+        if obj["kind"] in CRD_KINDS:
+            model = CRD_MODELS[obj["kind"]].model_validate(obj)
+            # The models ignore unknown fields; a lossless round trip proves there are none.
+            dumped = model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+            assert dumped == obj, f"{where}: {obj['kind']}/{obj['metadata']['name']}"
+            kinds.add(obj["kind"])
+    return kinds
 
 
 def load_yaml_file(path: Path) -> Any:

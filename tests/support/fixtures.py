@@ -103,11 +103,12 @@ class BrokerAdmin:
             if not name.startswith(VHOST_PREFIX):
                 continue
             pid = name[len(VHOST_PREFIX) :].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not alive(int(pid)):
                 self.delete_vhost(name)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Does a process with this pid exist (as far as this user can tell)?"""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -1,9 +1,8 @@
-"""The services' Dockerfiles, read and replayed without docker.
+"""The Dockerfiles, read without an engine (tests/images builds and runs them for real).
 
-``parse_dockerfile`` splits a Dockerfile (parsed by dockerfile-parse) into its stages;
-``DockerIgnore`` answers which paths of the repository reach the build context;
-``replay_builder`` runs a builder stage's COPY, WORKDIR, ENV and ``uv`` RUN steps in a
-directory that stands in for the image's filesystem, with the machine's uv and its cache.
+``parse_dockerfile`` splits a Dockerfile (parsed by dockerfile-parse) into its stages, with
+build arguments substituted; ``DockerIgnore`` answers which paths of the repository reach the
+build context under Docker's documented rules.
 """
 
 from __future__ import annotations
@@ -11,11 +10,8 @@ from __future__ import annotations
 import ast
 import fnmatch
 import json
-import os
 import re
 import shlex
-import shutil
-import subprocess
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -25,12 +21,13 @@ from dockerfile_parse import DockerfileParser  # type: ignore[import-untyped]
 from dockerfile_parse.util import get_key_val_dictionary  # type: ignore[import-untyped]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The one Dockerfile of the three services (--build-arg PACKAGE=<service>).
+SERVICE_DOCKERFILE = REPO_ROOT / "docker" / "service.Dockerfile"
+#: The dev-only sinks image.
+SINKS_DOCKERFILE = REPO_ROOT / "tools" / "sinks" / "Dockerfile"
 
-#: The image that provides uv itself: replaying a COPY from it means using the local uv.
+#: The image that provides uv itself.
 UV_IMAGE = "ghcr.io/astral-sh/uv"
-
-#: Environment variables whose value is a path inside the image; the replay maps them.
-_IMAGE_PATH_VARIABLES = frozenset({"UV_PROJECT_ENVIRONMENT"})
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,14 @@ def key_values(value: str) -> dict[str, str]:
     return pairs
 
 
-def parse_dockerfile(path: Path) -> Dockerfile:
+def substitute(value: str, args: dict[str, str]) -> str:
+    """``$NAME`` / ``${NAME}`` replaced by the build argument's value (unknown ones kept)."""
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), value)
+
+
+def parse_dockerfile(path: Path, build_args: dict[str, str] | None = None) -> Dockerfile:
+    """The stages of a Dockerfile; with ``build_args``, ``$ARG`` in COPY, EXPOSE and LABEL
+    is replaced as the builder would (global ARG defaults in FROM, always)."""
     parser = DockerfileParser(path=str(path), cache_content=True)
     global_args: dict[str, str] = {}
     stages: list[Stage] = []
@@ -95,11 +99,11 @@ def parse_dockerfile(path: Path) -> Dockerfile:
         name, value, line = item["instruction"], item["value"], item["startline"] + 1
         if name == "COMMENT":
             continue
+        if build_args and name in {"COPY", "EXPOSE", "LABEL"}:
+            value = substitute(value, build_args)
         if name == "FROM":
             words = value.split()
-            image = re.sub(
-                r"\$\{?(\w+)\}?", lambda m: global_args.get(m.group(1), m.group(0)), words[0]
-            )
+            image = substitute(words[0], {**global_args, **(build_args or {})})
             alias = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
             stages.append(Stage(name=alias, base=image))
         elif not stages:
@@ -107,6 +111,8 @@ def parse_dockerfile(path: Path) -> Dockerfile:
                 raise ValueError(f"{path}:{line}: {name} before the first FROM")
             arg, _, default = value.partition("=")
             global_args[arg.strip()] = default.strip().strip('"')
+            if build_args and arg.strip() in build_args:
+                global_args[arg.strip()] = build_args[arg.strip()]
         else:
             stages[-1].instructions.append(Instruction(name, value, line))
     return Dockerfile(path=path, global_args=global_args, stages=stages)
@@ -257,109 +263,3 @@ def default_http_port(config_py: Path) -> int:
                 if isinstance(value, ast.Constant) and isinstance(value.value, int):
                     return value.value
     raise LookupError(f"{config_py}: no Settings.http_port default")
-
-
-# ---- replaying a builder stage ------------------------------------------------------------
-
-
-class ReplayError(AssertionError):
-    pass
-
-
-def uv_executable() -> str:
-    """The uv running this test session (``uv run`` exports it as ``UV``), else uv on PATH."""
-    found = os.environ.get("UV") or shutil.which("uv")
-    if not found:
-        raise ReplayError("uv is needed to replay the image's builder stage")
-    return found
-
-
-def in_rootfs(rootfs: Path, image_path: str) -> Path:
-    return rootfs / PurePosixPath(image_path).relative_to("/")
-
-
-def replay_builder(
-    dockerfile: Dockerfile,
-    stage_name: str,
-    rootfs: Path,
-    *,
-    context: Path = REPO_ROOT,
-    timeout: float = 300.0,
-) -> list[list[str]]:
-    """Run ``stage_name``'s COPY, WORKDIR, ENV and ``uv ...`` RUN steps with ``rootfs``
-    standing in for ``/``. COPY sources are filtered by ``.dockerignore`` exactly as the
-    build context is. Returns the commands that ran; any step that cannot be replayed
-    faithfully raises ``ReplayError``."""
-    stage = dockerfile.stage(stage_name)
-    ignore = DockerIgnore.load(context)
-    uv = uv_executable()
-    workdir = PurePosixPath("/")
-    stage_env: dict[str, str] = {}
-    ran: list[list[str]] = []
-    for instruction in stage.instructions:
-        where = f"{dockerfile.path}:{instruction.line}"
-        if instruction.name == "WORKDIR":
-            workdir = workdir / instruction.value
-            in_rootfs(rootfs, str(workdir)).mkdir(parents=True, exist_ok=True)
-        elif instruction.name == "ENV":
-            stage_env.update(key_values(instruction.value))
-        elif instruction.name == "COPY":
-            copy = parse_copy(instruction.value)
-            if copy.from_stage is not None:
-                if not copy.from_stage.startswith(UV_IMAGE + ":"):
-                    raise ReplayError(f"{where}: cannot replay a COPY from {copy.from_stage}")
-                continue  # uv itself: the replay uses the machine's uv
-            _copy_into(copy, context, ignore, in_rootfs(rootfs, str(workdir / copy.dest)))
-        elif instruction.name == "RUN":
-            run = parse_run(instruction.value)
-            if not run.argv or run.argv[0] != "uv" or "&&" in run.argv or ";" in run.argv:
-                raise ReplayError(f"{where}: only single `uv ...` RUN steps can be replayed")
-            env = _clean_environment()
-            for key, value in stage_env.items():
-                if key == "PATH":
-                    continue
-                env[key] = str(in_rootfs(rootfs, value)) if key in _IMAGE_PATH_VARIABLES else value
-            result = subprocess.run(
-                [uv, *run.argv[1:]],
-                cwd=in_rootfs(rootfs, str(workdir)),
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
-            if result.returncode != 0:
-                raise ReplayError(f"{where}: `{shlex.join(run.argv)}` failed:\n{result.stderr}")
-            ran.append(run.argv)
-        elif instruction.name in {"ADD", "USER", "SHELL", "ONBUILD"}:
-            raise ReplayError(f"{where}: {instruction.name} in a builder stage is not replayed")
-        # ARG, LABEL, EXPOSE, ... change no files.
-    return ran
-
-
-def _copy_into(copy: Copy, context: Path, ignore: DockerIgnore, dest: Path) -> None:
-    into_folder = copy.dest.endswith("/") or len(copy.sources) > 1
-    for source in copy.sources:
-        if any(ch in source for ch in "*?["):
-            raise ReplayError(f"COPY {source}: wildcards flatten folders; name each path")
-        src = context / source
-        files = ignore.files_under(src, context)
-        if not files:
-            raise ReplayError(f"COPY {source}: nothing of it is in the build context")
-        for file in files:
-            if src.is_dir():
-                target = dest / file.relative_to(src)
-            else:
-                target = dest / src.name if into_folder else dest
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(file, target)
-
-
-def _clean_environment() -> dict[str, str]:
-    """This process's environment without what points uv or Python at the repo's venv."""
-    return {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "UV"}
-        and not (key.startswith("UV_") and key != "UV_CACHE_DIR")
-    }
