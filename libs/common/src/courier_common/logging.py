@@ -32,8 +32,9 @@ import re
 import sys
 import uuid
 from collections.abc import Mapping
-from typing import Final, Literal, TextIO
+from typing import Any, Final, Literal, TextIO
 
+import orjson
 import structlog
 from opentelemetry import trace
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -345,10 +346,24 @@ def _formatter_processors(fmt: LogFormat, service: str | None, colors: bool) -> 
         scrub_pii,
     ]
     if fmt == "json":
-        processors.append(structlog.processors.JSONRenderer())
+        processors.append(structlog.processors.JSONRenderer(serializer=_orjson_text))
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=colors))
     return processors
+
+
+def _orjson_text(value: Any, **options: Any) -> str:
+    """JSON for one log line with orjson (several times faster than the standard library's).
+
+    UUIDs and datetimes are rendered as their text, keys that are not strings too; dataclasses
+    and anything else orjson does not know go through structlog's fallback (``default``), as
+    with ``json.dumps``.
+    """
+    return orjson.dumps(
+        value,
+        default=options.get("default"),
+        option=orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS,
+    ).decode()
 
 
 def _skip_unused_record_fields() -> None:

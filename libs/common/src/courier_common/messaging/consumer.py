@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from opentelemetry.trace import Tracer, get_current_span
+from prometheus_client import Counter, Histogram
 
 from courier_common.failpoints import failpoint
 from courier_common.logging import get_logger
@@ -113,6 +114,9 @@ class ConsumerRunner:
         self.consumer_name = consumer_name
         self.idempotency = idempotency
         metrics.add_event_types(router.catalog.types)
+        # Metric children resolved once per label set, not with .labels() per message.
+        self._consumed: dict[tuple[str, str], Counter] = {}
+        self._timings: dict[str, tuple[Histogram, Histogram]] = {}
         self.loop = DeliveryLoop(
             connection=connection,
             queue=queue,
@@ -150,7 +154,7 @@ class ConsumerRunner:
         if handler is None:  # catalog and handlers are registered together; defensive
             reason = f"no handler for event type '{event.type}'"
             return self._dead(delivery, FailureKind.NO_HANDLER, reason, None)
-        event_label = self.metrics.event_type_label(event.type)
+        duration, age = self._timings_for(event.type)
         tracker = track_skips()
         started = time.perf_counter()
         try:
@@ -166,12 +170,8 @@ class ConsumerRunner:
             record_failure(span, exc)
             return self._retry(delivery, exc)
         finally:
-            self.metrics.handler_duration.labels(self.queue.name, event_label).observe(
-                time.perf_counter() - started
-            )
-        self.metrics.event_age.labels(self.queue.name, event_label).observe(
-            max(0.0, (datetime.now(UTC) - event.time).total_seconds())
-        )
+            duration.observe(time.perf_counter() - started)
+        age.observe(max(0.0, (datetime.now(UTC) - event.time).total_seconds()))
         failpoint("consumer.before_ack")
         return Ack(duplicate=bool(tracker.skipped and not tracker.ran))
 
@@ -181,9 +181,13 @@ class ConsumerRunner:
     def settled(self, delivery: Delivery, settlement: Settlement, seconds: float) -> None:
         """One metric sample and one log line per delivery, whatever became of it."""
         event_type = _event_type.get()
-        self.metrics.consumed.labels(
-            self.queue.name, self.metrics.event_type_label(event_type), settlement.outcome
-        ).inc()
+        key = (event_type or "", settlement.outcome)
+        counter = self._consumed.get(key)
+        if counter is None:
+            label = self.metrics.event_type_label(event_type)
+            counter = self.metrics.consumed.labels(self.queue.name, label, settlement.outcome)
+            self._consumed[key] = counter
+        counter.inc()
         fields: dict[str, Any] = {"event_type": event_type, "duration_ms": round(seconds * 1000, 2)}
         match settlement:
             case DeadLetter(diagnosis=diagnosis):
@@ -196,6 +200,18 @@ class ConsumerRunner:
                 log.warning(f"message_{settlement.outcome}", reason=settlement.reason, **fields)
 
     # --- decisions ------------------------------------------------------------------------
+
+    def _timings_for(self, event_type: str) -> tuple[Histogram, Histogram]:
+        """(handler duration, event age) children for an event type."""
+        found = self._timings.get(event_type)
+        if found is None:
+            label = self.metrics.event_type_label(event_type)
+            found = (
+                self.metrics.handler_duration.labels(self.queue.name, label),
+                self.metrics.event_age.labels(self.queue.name, label),
+            )
+            self._timings[event_type] = found
+        return found
 
     def _retry(self, delivery: Delivery, exc: Exception) -> Settlement:
         """The next retry tier, or a dead letter once the attempt budget is spent."""

@@ -22,12 +22,14 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
+from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
+from courier_common.batching import CommandBatcher
 from courier_common.failpoints import failpoint
 from courier_common.logging import get_logger
 from courier_common.messaging.retry import RetryableError
@@ -105,12 +107,21 @@ class IdempotencyStore:
     # every consumer runs one of them.
     _done_script: AsyncScript = field(init=False, repr=False)
     _release_script: AsyncScript = field(init=False, repr=False)
+    #: The claims and done marks of concurrent deliveries share pipelines (one round trip).
+    _batch: CommandBatcher = field(init=False, repr=False)
+    #: The claim counter's children, resolved once.
+    _claims: dict[ClaimResult, Counter] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.metrics is not None:
             self.metrics.use_idempotency()
+            self._claims = {
+                result: self.metrics.idempotency_claims.labels(result.value)
+                for result in ClaimResult
+            }
         self._done_script = self.redis.register_script(_DONE_IF_OWNER_OR_FREE)
         self._release_script = self.redis.register_script(_RELEASE_IF_OWNER)
+        self._batch = CommandBatcher(self.redis)
 
     def key(self, *parts: str) -> str:
         return self.prefix + "idem:" + ":".join(parts)
@@ -118,21 +129,20 @@ class IdempotencyStore:
     async def claim(self, key: str) -> Claim:
         claim = await self._try_claim(key)
         if self.metrics is not None:
-            self.metrics.idempotency_claims.labels(claim.result.value).inc()
+            self._claims[claim.result].inc()
         return claim
 
     async def _try_claim(self, key: str) -> Claim:
         token = "processing:" + secrets.token_hex(8)
-        lease_ms = max(1, round(self.lease_seconds * 1000))
-        if await self.redis.set(key, token, nx=True, px=lease_ms):
+        lease_ms = str(max(1, round(self.lease_seconds * 1000)))
+        # SET NX GET (Redis 7): claimed (nil) or what holds it, in one command.
+        current = await self._batch.execute(
+            "SET", key, token, "NX", "PX", lease_ms, "GET", get=True
+        )
+        if current is None:
             result = ClaimResult.CLAIMED
         else:
-            current = await self.redis.get(key)
-            if current is None:  # expired between SET and GET: try once more
-                claimed = await self.redis.set(key, token, nx=True, px=lease_ms)
-                result = ClaimResult.CLAIMED if claimed else ClaimResult.BUSY
-            else:
-                result = ClaimResult.DONE if _as_bytes(current) == DONE else ClaimResult.BUSY
+            result = ClaimResult.DONE if _as_bytes(current) == DONE else ClaimResult.BUSY
         return Claim(key=key, token=token, result=result)
 
     async def _wait_out(self, key: str) -> Claim:
@@ -154,19 +164,27 @@ class IdempotencyStore:
                 break
             pause = min(pause * 2, 1.0)
         if self.metrics is not None:
-            self.metrics.idempotency_claims.labels(claim.result.value).inc()
+            self._claims[claim.result].inc()
         return claim
 
     async def done(self, claim: Claim) -> bool:
         """Mark the work done. False if our lease had passed to another worker meanwhile."""
-        marked = await self._done_script(
-            keys=[claim.key], args=[claim.token, str(self.retention_seconds)]
+        marked = await self._script(
+            self._done_script, claim.key, claim.token, str(self.retention_seconds)
         )
         return bool(marked)
 
     async def release(self, claim: Claim) -> None:
         """Give the claim back after a failure, so the retry can claim it at once."""
-        await self._release_script(keys=[claim.key], args=[claim.token])
+        await self._script(self._release_script, claim.key, claim.token)
+
+    async def _script(self, script: AsyncScript, key: str, *args: str) -> Any:
+        """EVALSHA in the next batch; loads the script once if Redis does not know it."""
+        try:
+            return await self._batch.execute("EVALSHA", script.sha, 1, key, *args)
+        except NoScriptError:  # a restarted or failed-over Redis forgot its scripts
+            await self.redis.script_load(script.script)
+            return await self._batch.execute("EVALSHA", script.sha, 1, key, *args)
 
     async def is_done(self, key: str) -> bool:
         return _as_bytes(await self.redis.get(key)) == DONE
