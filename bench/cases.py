@@ -12,9 +12,10 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from bench.harness import (
     Service,
     SmtpSinkProc,
     free_port,
+    preload_events,
     preload_raw,
     preload_registrations,
     py_spy_argv,
@@ -38,6 +40,7 @@ from bench.harness import (
     start_service,
     start_smtp_sink,
     summarize_collapsed,
+    wait_queue_empty,
 )
 from bench.report import percentile
 from notification_service.routes import USER_EVENTS_QUEUE
@@ -47,6 +50,20 @@ NOTIFICATION_QUEUE = USER_EVENTS_QUEUE
 FLOOR_REGISTER_QUEUE = "bench.floor.register"
 FLOOR_CONSUME_QUEUE = "bench.floor.consume"
 FLOOR_PACED_QUEUE = "bench.floor.paced"
+#: The runner case's queues, one per subject; each is a Courier work queue bound to nothing.
+RUNNER_QUEUES = {
+    "raw": "bench.runner.raw",
+    "courier": "bench.runner.courier",
+    "faststream": "bench.runner.faststream",
+}
+#: The runner case's subjects (side -> script): the raw floor, Courier's runner, FastStream.
+RUNNER_SUBJECTS = {
+    "raw": "floors/raw_consumer.py",
+    "courier": "consumers/courier_runner.py",
+    "faststream": "consumers/faststream_consumer.py",
+}
+#: Event loops a consumer subject can run on (``--loop``); uvicorn gives Courier's services uvloop.
+LOOPS = ("uvloop", "asyncio")
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,15 @@ class Config:
     io_sender_ms: float = 20.0
     io_prefetch: int = 2
     io_count: int = 2000
+    #: Envelopes each runner-case subject consumes per repeat.
+    runner_count: int = 10000
+    #: How long an idle runner-case subject is sampled for its RSS (after start-up).
+    runner_idle_seconds: float = 2.0
+    #: Registrations per second in chain_cpu: below what the chain sustains on two cores.
+    chain_rate: float = 250.0
+    chain_seconds: float = 10.0
+    #: The event loop of every consumer subject (raw floor, runner, FastStream).
+    loop: str = "uvloop"
     drain_timeout: float = 180.0
 
     @classmethod
@@ -79,6 +105,9 @@ class Config:
             consume_count=1500,
             paced_seconds=3.0,
             io_count=600,
+            runner_count=1500,
+            runner_idle_seconds=1.0,
+            chain_seconds=3.0,
         )
 
 
@@ -355,16 +384,48 @@ def _raw_consumer(ctx: Context, queue: str, count: int, prefetch: int, *flags: s
             f"--queue={queue}",
             f"--count={count}",
             f"--prefetch={prefetch}",
+            f"--loop={ctx.config.loop}",
             *flags,
         ),
         ctx.log_dir / "floor-consumer.log",
         cores=ctx.service_cores,
         pipe_stdout=True,
     ).start()
-    ready = raw.read_json_line(60)
-    if not ready.get("ready"):
-        raise raw.fail(f"unexpected first line {ready}")
+    _await_ready(ctx, raw)
     return raw
+
+
+def _await_ready(ctx: Context, proc: Proc) -> None:
+    """The subject's first line: ready, on the event loop the run asked for."""
+    ready = proc.read_json_line(60)
+    if not ready.get("ready"):
+        raise proc.fail(f"unexpected first line {ready}")
+    if ready.get("loop") != ctx.config.loop:
+        raise proc.fail(f"runs on {ready.get('loop')!r}, not the {ctx.config.loop!r} asked for")
+    note = loop_note(ctx.config.loop)
+    if note not in ctx.notes:
+        ctx.notes.append(note)
+
+
+def loop_note(loop: str) -> str:
+    """The report's word on the consumers' event loop (the same for every subject)."""
+    if loop == "uvloop":
+        return (
+            f"Event loop: every consumer subject (the raw floor in every case, Courier's runner, "
+            f"FastStream) ran on uvloop {_version('uvloop')}, the loop uvicorn gives Courier's "
+            "services; the raw floor ran on asyncio's own loop before the runner case came."
+        )
+    return (
+        f"Event loop: every consumer subject ran on asyncio's own loop (`--loop {loop}`), "
+        "while Courier's services run on uvloop under uvicorn: not the comparison to quote."
+    )
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
 
 
 def _drain_with_workers(
@@ -619,10 +680,301 @@ def case_io_workers(ctx: Context) -> None:
                 say(f"io_workers {side} #{repeat + 1}: {rate:.0f} msg/s")
 
 
+# --------------------------------------------------------------------------------------------
+# runner: courier_common's runner with a no-op handler vs the raw floor vs FastStream
+# --------------------------------------------------------------------------------------------
+
+
+def case_runner(ctx: Context) -> None:
+    """One consumer framework's own cost: the same queue, prefetch and envelopes for all three.
+
+    Each subject consumes ``runner_count`` ``user.registered`` envelopes preloaded into a
+    Courier work queue of its own (quorum, delivery limit, dead-lettering; bound to nothing):
+    the raw floor (aio-pika, ``SET NX`` and ack; it opens the queue passively), Courier's runner
+    with a handler that does nothing and production defaults (idempotency claim and done,
+    metrics, a JSON log line per outcome, the tracing SDK with an exporter that drops spans),
+    and FastStream (a typed pydantic handler doing the same ``SET NX``, its per-message log
+    lines at DEBUG). Throughput and CPU per message between the 10% and 90% marks, as the
+    consume case; idle RSS from a start of the same subject on the empty queue, sampled for
+    ``runner_idle_seconds`` after it said ready. The order of the three rotates per repeat.
+    """
+    cfg = ctx.config
+    for queue in RUNNER_QUEUES.values():
+        ctx.backing.purge(queue)
+        preload_events(ctx.backing, queue, 0, ctx.token())  # declares it, empty
+    sides = tuple(RUNNER_QUEUES)
+    for repeat in range(cfg.repeats):
+        shift = repeat % len(sides)
+        for side in sides[shift:] + sides[:shift]:
+            idle = _runner_idle_rss(ctx, side)
+            result, peak = _runner_consume(ctx, side, cfg.runner_count)
+            ctx.record(
+                "runner",
+                side,
+                msg_per_s=result["msg_per_s"],
+                cpu_ms_per_msg=result["cpu_ms_per_msg"],
+                idle_rss_mb=idle,
+                rss_mb=peak,
+            )
+            say(
+                f"runner {side} #{repeat + 1}: {result['msg_per_s']:.0f} msg/s, "
+                f"{result['cpu_ms_per_msg']:.3f} CPU ms/msg, idle RSS {idle:.1f} MiB"
+            )
+    ctx.notes.append(
+        f"runner: FastStream {_version('faststream')} (aio-pika {_version('aio-pika')}); each "
+        f"subject consumed {cfg.runner_count} preloaded envelopes per repeat from a Courier work "
+        "queue, prefetch "
+        f"{cfg.prefetch}; idle RSS is a separate start on the empty queue, sampled for "
+        f"{cfg.runner_idle_seconds:g} s after it said ready."
+    )
+    if ctx.profile_dir is not None:
+        for side in ("courier", "faststream"):
+            rates = ctx.measurements["runner"][side]["msg_per_s"]
+            seconds = 0.8 * cfg.runner_count / max(sorted(rates)[len(rates) // 2], 1.0)
+            _runner_consume(ctx, side, cfg.runner_count, profile_seconds=seconds)
+
+
+def _runner_subject(ctx: Context, side: str, count: int, *, timeout: float) -> Proc:
+    """Start one runner-case subject on its queue; returns once it said ready."""
+    args = [
+        f"--amqp-url={ctx.backing.amqp_url}",
+        f"--redis-url={ctx.backing.redis_url}",
+        f"--prefix={ctx.backing.prefix}",
+        f"--queue={RUNNER_QUEUES[side]}",
+        f"--count={count}",
+        f"--prefetch={ctx.config.prefetch}",
+        f"--loop={ctx.config.loop}",
+        f"--timeout={timeout:g}",
+    ]
+    if side == "raw":
+        args.append("--passive")
+    else:
+        args.append(f"--log-file={ctx.log_dir / f'runner-{side}.jsonl'}")
+    proc = Proc(
+        f"runner-{side}",
+        _python(RUNNER_SUBJECTS[side], *args),
+        ctx.log_dir / f"runner-{side}.log",
+        cores=ctx.service_cores,
+        pipe_stdout=True,
+    ).start()
+    try:
+        _await_ready(ctx, proc)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def _runner_idle_rss(ctx: Context, side: str) -> float:
+    """Peak RSS (MiB) of the subject started on its empty queue, waiting for messages."""
+    ctx.backing.purge(RUNNER_QUEUES[side])
+    proc = _runner_subject(ctx, side, 1_000_000_000, timeout=ctx.config.drain_timeout)
+    with running(proc):
+        with RssSampler([proc], interval=0.1) as rss:
+            time.sleep(ctx.config.runner_idle_seconds)
+        if not proc.alive():
+            raise proc.fail("exited while idle")
+    return rss.peak[proc.name]
+
+
+def _runner_consume(
+    ctx: Context, side: str, count: int, *, profile_seconds: float | None = None
+) -> tuple[dict[str, Any], float]:
+    """Preload *count* envelopes, let the subject consume them: (its result line, peak RSS)."""
+    cfg = ctx.config
+    queue = RUNNER_QUEUES[side]
+    ctx.backing.purge(queue)
+    preload_events(ctx.backing, queue, count, ctx.token())
+    proc = _runner_subject(ctx, side, count, timeout=cfg.drain_timeout)
+    name = f"runner-{side}"
+    spy = None
+    if profile_seconds is not None:
+        spy = _profile(ctx, proc, name, profile_seconds)
+    with running(proc), RssSampler([proc]) as rss:
+        if spy is not None:
+            spy.start()  # not stopped early: _finish_profile waits for its own end
+        result = proc.read_json_line(cfg.drain_timeout)
+    _finish_profile(ctx, spy, name)
+    return result, rss.peak[proc.name]
+
+
+# --------------------------------------------------------------------------------------------
+# chain_cpu: CPU per registration of user-service + notification-service vs the floors
+# --------------------------------------------------------------------------------------------
+
+
+def case_chain_cpu(ctx: Context) -> None:
+    """CPU seconds the whole chain spends per registration, at a rate it sustains.
+
+    Courier: user-service (the request and its relay) and notification-service (the welcome,
+    to the instant SMTP sink, lean), both with production defaults; wrk paced at
+    ``chain_rate`` for ``chain_seconds``; CPU of both processes from just before the load
+    until every welcome reached the sink and the outbox drained, divided by the registrations.
+    Floor: the register floor app and the raw floor consuming what it publishes, running
+    together and paced the same, CPU until the floor's queue is empty. Repeats interleaved.
+    """
+    cfg = ctx.config
+    redis = ctx.backing.redis()
+    outbox = f"{ctx.backing.prefix}outbox"
+    sink = start_smtp_sink(ctx.log_dir, ctx.load_cores)
+    floor_port = free_port()
+    floor_app = Proc(
+        "floor-register",
+        _python(
+            "floors/register_app.py",
+            f"--amqp-url={ctx.backing.amqp_url}",
+            f"--redis-url={ctx.backing.redis_url}",
+            f"--prefix={ctx.backing.prefix}",
+            f"--port={floor_port}",
+        ),
+        ctx.log_dir / "floor-register.log",
+        cores=ctx.service_cores,
+    )
+    floor_url = f"http://127.0.0.1:{floor_port}"
+    with running(sink, floor_app):
+        floor_app.start().wait_http(f"{floor_url}/readyz")
+        ctx.backing.purge(FLOOR_REGISTER_QUEUE)
+        # The floor's worker: the raw floor on the queue the floor app publishes to; it runs
+        # until stopped (a count it never reaches).
+        floor_consumer = _raw_consumer(
+            ctx, FLOOR_REGISTER_QUEUE, 1_000_000_000, cfg.prefetch, "--timeout=86400"
+        )
+        notifier = start_service(
+            "notification-service",
+            ctx.backing,
+            ctx.log_dir,
+            ctx.service_cores,
+            extra={"COURIER_SMTP_PORT": str(sink.port)},
+        )
+        users = start_service("user-service", ctx.backing, ctx.log_dir, ctx.service_cores)
+        with running(floor_consumer, notifier, users):
+            floor = (floor_app, floor_consumer)
+            chain = (users, notifier)
+            # Warm-up, unmeasured: imports, pools, connections, the first batches.
+            _chain_floor(ctx, floor_url, floor, seconds=cfg.warmup_seconds)
+            _chain_courier(ctx, chain, sink, redis, outbox, seconds=cfg.warmup_seconds)
+            for repeat in range(cfg.repeats):
+                figures = _chain_floor(ctx, floor_url, floor, seconds=cfg.chain_seconds)
+                ctx.record("chain_cpu", "floor", **figures)
+                say(
+                    f"chain_cpu floor #{repeat + 1}: {figures['cpu_ms_per_reg']:.3f} CPU ms per "
+                    f"registration at {figures['rate']:.0f}/s"
+                )
+                figures = _chain_courier(ctx, chain, sink, redis, outbox, seconds=cfg.chain_seconds)
+                ctx.record("chain_cpu", "courier", **figures)
+                say(
+                    f"chain_cpu courier #{repeat + 1}: {figures['cpu_ms_per_reg']:.3f} CPU ms per "
+                    f"registration at {figures['rate']:.0f}/s (user-service "
+                    f"{figures['users_share_pct']:.0f}%), drained {figures['drain_s']:.1f} s "
+                    "after the load"
+                )
+    redis.close()
+    ctx.notes.append(
+        f"chain_cpu: wrk paced at {cfg.chain_rate:g} registrations/s for {cfg.chain_seconds:g} s "
+        f"({cfg.connections} connections) on both chains; CPU per registration counts every "
+        "CPU second of the chain's processes from the start of the load until the last "
+        "welcome reached the sink and the outbox was empty (the floor: until its queue was "
+        "empty), divided by the registrations answered 201."
+    )
+
+
+def _chain_floor(
+    ctx: Context, url: str, procs: Sequence[Proc], *, seconds: float
+) -> dict[str, float]:
+    cfg = ctx.config
+    app, consumer = procs
+    app_before, consumer_before = app.cpu_seconds(), consumer.cpu_seconds()
+    result = run_wrk(
+        url,
+        cores=ctx.load_cores,
+        connections=cfg.connections,
+        seconds=seconds,
+        token=ctx.token(),
+        rate=cfg.chain_rate,
+    )
+    # Every 201 was confirmed by the broker before it was answered: it is in the queue.
+    drain = wait_queue_empty(ctx.backing, FLOOR_REGISTER_QUEUE, cfg.drain_timeout)
+    time.sleep(0.25)  # at most a prefetch of deliveries still in hand: a few ms of work
+    registrations = max(result.requests - result.status_errors, 1)
+    register_ms = 1000 * (app.cpu_seconds() - app_before) / registrations
+    consume_ms = 1000 * (consumer.cpu_seconds() - consumer_before) / registrations
+    return {
+        "cpu_ms_per_reg": register_ms + consume_ms,
+        "register_cpu_ms_per_req": register_ms,
+        "consume_cpu_ms_per_msg": consume_ms,
+        "rate": result.requests / result.seconds,
+        "registrations": float(registrations),
+        "errors": float(result.errors),
+        "drain_s": drain,
+    }
+
+
+def _chain_courier(
+    ctx: Context,
+    services: Sequence[Service],
+    sink: SmtpSinkProc,
+    redis: Any,
+    outbox: str,
+    *,
+    seconds: float,
+) -> dict[str, float]:
+    cfg = ctx.config
+    users, notifier = services
+    sink.clear()
+    users_before, notifier_before = users.proc.cpu_seconds(), notifier.proc.cpu_seconds()
+    result = run_wrk(
+        users.url,
+        cores=ctx.load_cores,
+        connections=cfg.connections,
+        seconds=seconds,
+        token=ctx.token(),
+        rate=cfg.chain_rate,
+    )
+    load_end = time.monotonic()
+    accepted = result.requests - result.status_errors
+    sink.wait_count(accepted, cfg.drain_timeout, poll=0.05)
+    _wait_drained(redis, outbox, cfg.drain_timeout)
+    # wrk does not count the requests still in flight when its time is up, but user-service
+    # answers them: their welcomes come a little later. Done when the count stops moving.
+    sent = _wait_settled(sink)
+    drain = time.monotonic() - load_end
+    users_cpu = users.proc.cpu_seconds() - users_before
+    notifier_cpu = notifier.proc.cpu_seconds() - notifier_before
+    registrations = max(accepted, sent, 1)
+    total = max(users_cpu + notifier_cpu, 1e-9)
+    return {
+        "cpu_ms_per_reg": 1000 * (users_cpu + notifier_cpu) / registrations,
+        "users_cpu_ms_per_reg": 1000 * users_cpu / registrations,
+        "notifier_cpu_ms_per_reg": 1000 * notifier_cpu / registrations,
+        "users_share_pct": 100 * users_cpu / total,
+        "notifier_share_pct": 100 * notifier_cpu / total,
+        "rate": result.requests / result.seconds,
+        "registrations": float(registrations),
+        "errors": float(result.errors),
+        "p99_ms": result.p99_ms,
+        "drain_s": drain,
+    }
+
+
+def _wait_settled(sink: SmtpSinkProc, quiet: float = 0.3, timeout: float = 30) -> int:
+    """The sink's count once it has not moved for *quiet* seconds."""
+    deadline = time.monotonic() + timeout
+    count = sink.count()
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = sink.count()
+        if now == count:
+            break
+        count = now
+    return count
+
+
 CASES: dict[str, Callable[[Context], None]] = {
     "register": case_register,
     "consume": case_consume,
     "paced": case_paced,
     "slow_sender": case_slow_sender,
     "io_workers": case_io_workers,
+    "runner": case_runner,
+    "chain_cpu": case_chain_cpu,
 }

@@ -591,6 +591,84 @@ async def _declare_courier_topology(backing: Backing) -> None:
         await connection.close()
 
 
+def preload_events(backing: Backing, queue: str, count: int, token: str) -> None:
+    """*count* ``user.registered`` envelopes straight into the work queue *queue*.
+
+    The queue is declared as a Courier work queue (quorum, retry tiers) bound to nothing: the
+    runner and FastStream subjects consume it without any other consumer seeing the events.
+    """
+    asyncio.run(_preload_events(backing, queue, count, token))
+
+
+async def _preload_events(backing: Backing, queue: str, count: int, token: str) -> None:
+    from courier_common.events import USER_SERVICE_SOURCE, UserRegistered
+    from courier_common.messaging import (
+        DEFAULT_EXCHANGE,
+        AmqpConnection,
+        OutgoingMessage,
+        Publisher,
+        Topology,
+        WorkQueue,
+        declare_topology,
+        new_event,
+        new_event_id,
+    )
+
+    connection = await AmqpConnection(backing.amqp_url, client_name="bench-preload").connect()
+    try:
+        work = WorkQueue(name=queue, binding_keys=())
+        await declare_topology(await connection.channel(), Topology(work_queues=(work,)))
+        publisher = Publisher(await connection.channel())
+        batch: list[OutgoingMessage] = []
+        for i in range(count):
+            data = UserRegistered(
+                user_id=new_event_id(),
+                email=f"r-{token}-{i}@bench.example.com",
+                display_name="Bench",
+                locale="en",
+                channels=("email",),
+            )
+            event = new_event(data, source=USER_SERVICE_SOURCE, event_id=new_event_id())
+            batch.append(
+                OutgoingMessage.for_event(event, exchange=DEFAULT_EXCHANGE, routing_key=queue)
+            )
+            if len(batch) >= 500 or i == count - 1:
+                errors = [e for e in await publisher.publish_many(batch) if e is not None]
+                if errors:
+                    raise BenchError(f"preload failed: {errors[0]!r}")
+                batch = []
+    finally:
+        await connection.close()
+
+
+def queue_depth(backing: Backing, queue: str) -> int:
+    """Messages ready in *queue* now (a passive declare; unacknowledged ones not counted)."""
+    return asyncio.run(_queue_depth(backing, queue))
+
+
+async def _queue_depth(backing: Backing, queue: str) -> int:
+    import aio_pika
+
+    connection = await aio_pika.connect(backing.amqp_url)
+    try:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(queue, passive=True)
+        count = declared.declaration_result.message_count
+        return int(count or 0)
+    finally:
+        await connection.close()
+
+
+def wait_queue_empty(backing: Backing, queue: str, timeout: float, poll: float = 0.1) -> float:
+    """Seconds until *queue* has no ready message (its consumer took them all)."""
+    started = time.monotonic()
+    while queue_depth(backing, queue) > 0:
+        if time.monotonic() - started > timeout:
+            raise BenchError(f"{queue} was not drained within {timeout:g}s")
+        time.sleep(poll)
+    return time.monotonic() - started
+
+
 def preload_registrations(backing: Backing, count: int, token: str) -> None:
     """*count* ``user.registered`` events (email only) in notification.user-events."""
     asyncio.run(_preload_registrations(backing, count, token))

@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-Better = Literal["higher", "lower"]
+#: Which way is better; "neither" for a figure that only describes (a share of the CPU).
+Better = Literal["higher", "lower", "neither"]
 Op = Literal[">=", "<="]
 
 
@@ -75,13 +76,22 @@ def ratio(courier: float, floor: float) -> float:
 
 @dataclass(frozen=True)
 class Target:
-    """What the issue asks of a ratio: ``op`` and ``threshold`` (e.g. ``>=`` 0.75)."""
+    """What the issue asks of a ratio: ``op`` and ``threshold`` (e.g. ``>=`` 0.75).
+
+    With a ``unit`` the target is absolute: it holds the Courier figure itself to the
+    threshold (``<=`` 1.8 ms of CPU per registration), not the ratio.
+    """
 
     op: Op
     threshold: float
+    unit: str | None = None
+
+    @property
+    def absolute(self) -> bool:
+        return self.unit is not None
 
     def met(self, value: float) -> bool | None:
-        """True/False, or None when the ratio could not be computed."""
+        """True/False, or None when the ratio (or the figure) could not be computed."""
         if math.isnan(value):
             return None
         if self.op == ">=":
@@ -89,21 +99,23 @@ class Target:
         return value <= self.threshold
 
     def __str__(self) -> str:
-        return f"{'≥' if self.op == '>=' else '≤'} {self.threshold:g}x"
+        suffix = f" {self.unit}" if self.unit is not None else "x"
+        return f"{'≥' if self.op == '>=' else '≤'} {self.threshold:g}{suffix}"
 
 
 @dataclass(frozen=True)
 class RatioSpec:
     """One row of the ratio table: which two figures to divide, and what to expect.
 
-    ``courier`` and ``floor`` are ``(case, side, metric)`` paths into the measurements;
+    ``courier`` and ``floor`` are ``(case, side, metric)`` paths into the measurements; a row
+    without a ``floor`` shows one figure (no ratio), for an absolute target or a share;
     ``condition`` is an extra ``(case, side, metric)`` boolean figure that must hold for the
     target to count as met (the outbox backlog being bounded, for the register target).
     """
 
     name: str
     courier: tuple[str, str, str]
-    floor: tuple[str, str, str]
+    floor: tuple[str, str, str] | None
     unit: str
     better: Better
     target: Target | None = None
@@ -233,6 +245,97 @@ RATIOS: tuple[RatioSpec, ...] = (
         Target(">=", 1.7),
     ),
     RatioSpec(
+        "runner ÷ FastStream throughput (no-op handler, same queue, prefetch and SET NX)",
+        ("runner", "courier", "msg_per_s"),
+        ("runner", "faststream", "msg_per_s"),
+        "msg/s",
+        "higher",
+        Target(">=", 1.05),
+    ),
+    RatioSpec(
+        "runner ÷ raw throughput",
+        ("runner", "courier", "msg_per_s"),
+        ("runner", "raw", "msg_per_s"),
+        "msg/s",
+        "higher",
+        Target(">=", 0.80),
+    ),
+    RatioSpec(
+        "runner CPU per message ÷ raw",
+        ("runner", "courier", "cpu_ms_per_msg"),
+        ("runner", "raw", "cpu_ms_per_msg"),
+        "ms",
+        "lower",
+        Target("<=", 1.3),
+    ),
+    RatioSpec(
+        "FastStream CPU per message ÷ raw",
+        ("runner", "faststream", "cpu_ms_per_msg"),
+        ("runner", "raw", "cpu_ms_per_msg"),
+        "ms",
+        "lower",
+    ),
+    RatioSpec(
+        "runner idle RSS ÷ FastStream idle RSS",
+        ("runner", "courier", "idle_rss_mb"),
+        ("runner", "faststream", "idle_rss_mb"),
+        "MiB",
+        "lower",
+        Target("<=", 1.0),
+    ),
+    RatioSpec(
+        "runner idle RSS ÷ raw idle RSS",
+        ("runner", "courier", "idle_rss_mb"),
+        ("runner", "raw", "idle_rss_mb"),
+        "MiB",
+        "lower",
+    ),
+    RatioSpec(
+        "chain CPU per registration (user-service + notification-service)",
+        ("chain_cpu", "courier", "cpu_ms_per_reg"),
+        None,
+        "ms",
+        "lower",
+        Target("<=", 1.8, unit="ms"),
+        note="request, relay and welcome, paced",
+    ),
+    RatioSpec(
+        "chain CPU per registration ÷ register floor + raw consume floor",
+        ("chain_cpu", "courier", "cpu_ms_per_reg"),
+        ("chain_cpu", "floor", "cpu_ms_per_reg"),
+        "ms",
+        "lower",
+        note="both chains paced alike, in the same run",
+    ),
+    RatioSpec(
+        "chain: user-service (request + relay) ÷ register floor",
+        ("chain_cpu", "courier", "users_cpu_ms_per_reg"),
+        ("chain_cpu", "floor", "register_cpu_ms_per_req"),
+        "ms",
+        "lower",
+    ),
+    RatioSpec(
+        "chain: notification-service ÷ raw consume floor",
+        ("chain_cpu", "courier", "notifier_cpu_ms_per_reg"),
+        ("chain_cpu", "floor", "consume_cpu_ms_per_msg"),
+        "ms",
+        "lower",
+    ),
+    RatioSpec(
+        "chain: user-service's share of the chain's CPU",
+        ("chain_cpu", "courier", "users_share_pct"),
+        None,
+        "%",
+        "neither",
+    ),
+    RatioSpec(
+        "chain: notification-service's share of the chain's CPU",
+        ("chain_cpu", "courier", "notifier_share_pct"),
+        None,
+        "%",
+        "neither",
+    ),
+    RatioSpec(
         "RSS user-service ÷ floor app",
         ("register", "courier", "rss_mb"),
         ("register", "floor", "rss_mb"),
@@ -252,7 +355,9 @@ RATIOS: tuple[RatioSpec, ...] = (
 Measurements = Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]
 
 
-def _values(measurements: Measurements, path: tuple[str, str, str]) -> list[float]:
+def _values(measurements: Measurements, path: tuple[str, str, str] | None) -> list[float]:
+    if path is None:
+        return []
     case, side, metric = path
     return [float(v) for v in measurements.get(case, {}).get(side, {}).get(metric, [])]
 
@@ -268,7 +373,9 @@ def compute_rows(measurements: Measurements, specs: Sequence[RatioSpec] = RATIOS
         courier = summarize(courier_values)
         floor = summarize(floor_values)
         value = ratio(courier.median, floor.median)
-        met = spec.target.met(value) if spec.target else None
+        met: bool | None = None
+        if spec.target is not None:
+            met = spec.target.met(courier.median if spec.target.absolute else value)
         condition_met: bool | None = None
         if spec.condition is not None:
             flags = _values(measurements, spec.condition)
@@ -340,7 +447,10 @@ def render_table(rows: Sequence[Row]) -> str:
             state = {True: "yes", False: "no", None: "?"}[row.condition_met]
             target = f"{target}, {row.condition_text} ({state})"
         ratio_text = "-" if math.isnan(row.ratio) else f"{row.ratio:.2f}x"
-        name = f"{row.name} ({row.unit}, {row.better} is better)"
+        if row.better == "neither":
+            name = f"{row.name} ({row.unit})"
+        else:
+            name = f"{row.name} ({row.unit}, {row.better} is better)"
         if row.note:
             name += f"; {row.note}"
         lines.append(
@@ -419,7 +529,9 @@ def render_markdown(report: Report) -> str:
         "",
         f"Mode: **{report.mode}**, {report.repeats} repeats per case; every figure is the "
         "median of the repeats with (min-max); ratios are Courier ÷ floor of the medians "
-        "measured in this run. Targets are reported, not asserted.",
+        "measured in this run (in the runner rows the floor column is what the row divides "
+        "by: FastStream or the raw floor; a row with no floor holds the Courier figure itself "
+        "to its target). Targets are reported, not asserted.",
         "",
         f"Machine: {machine.get('cores', '?')} cores ({machine.get('cpu', '?')}), "
         f"Python {machine.get('python', '?')}, load average at start {load_text}.",

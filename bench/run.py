@@ -1,16 +1,20 @@
 """``make bench``: Courier's speed as ratios against the bare stack, measured in the same run.
 
     uv run --locked python bench/run.py [--quick] [--repeat N] [--cases a,b] [--profile]
+                                        [--loop uvloop|asyncio]
 
 Starts what each case needs (its own RabbitMQ vhost and Redis key prefix on the shared
 instances, the services, the floors, the sinks), runs every case ``--repeat`` times (at least
 three), writes ``bench/results/<timestamp>.md`` and ``.json`` and prints the table. Cases:
-register, consume, paced, slow_sender, io_workers (see README, "Performance").
+register, consume, paced, slow_sender, io_workers, runner, chain_cpu (see README,
+"Performance").
 
 ``--quick`` is a smoke run with short loads: its figures are for checking the harness, not
-for quoting. ``--profile`` adds one unmeasured repeat of register and consume with py-spy
-attached to user-service and notification-service, and writes text summaries to
-``bench/profiles/``.
+for quoting. ``--profile`` adds one unmeasured repeat of register, consume and runner with
+py-spy attached to user-service, notification-service, the runner and FastStream, and writes
+text summaries to ``bench/profiles/``. ``--loop`` is the event loop of every consumer subject
+(the raw floor, Courier's runner, FastStream): uvloop, as uvicorn runs Courier's services, by
+default.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import traceback
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,7 +34,7 @@ from pathlib import Path
 # of the ``bench`` namespace, as it is for pytest and mypy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cases import CASES, NOTIFICATION_QUEUE, Config, Context
+from bench.cases import CASES, LOOPS, NOTIFICATION_QUEUE, Config, Context
 from bench.harness import BENCH, Backing, BenchError, Layout, ensure_wrk, say
 from bench.report import Report, render_markdown, render_table
 from courier_common.logging import configure_logging
@@ -59,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}"
     )
     parser.add_argument("--profile", action="store_true", help="py-spy summaries too")
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="uvloop",
+        help="event loop of the consumer subjects (uvloop: what uvicorn gives the services)",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results", help="results folder")
     parser.add_argument(
         "--allow-fewer-repeats",
@@ -79,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     # The preloads use courier_common's connection, which logs; only warnings, please.
     configure_logging(level="WARNING", fmt="console")
     config = Config.quick(args.repeat) if args.quick else Config(repeats=args.repeat)
+    config = replace(config, loop=args.loop)
     layout = Layout.detect()
     if layout.pinned:
         # The orchestrator polls and parses: it belongs with the load generator.

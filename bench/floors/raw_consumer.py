@@ -10,6 +10,12 @@ line and exits:
 * ``--latency``: each message's ``sent_at_us`` header (epoch microseconds, set by the paced
   publisher)
   to its ack: ``{"count", "p50_ms", "p99_ms", "max_ms"}``.
+
+Before consuming it prints ``{"ready": true, "loop": ...}`` (the event loop's module: uvloop
+or asyncio). ``--loop`` picks the loop (uvloop by default, the loop uvicorn gives Courier's
+services; ``asyncio`` for the standard library's); ``--passive`` consumes a queue that exists
+already (a Courier work queue, declared with more arguments by whoever preloaded it) instead
+of declaring a plain quorum queue.
 """
 
 from __future__ import annotations
@@ -19,10 +25,31 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from redis.asyncio import BlockingConnectionPool, Redis
+
+T = TypeVar("T")
+LOOPS = ("uvloop", "asyncio")
+
+
+def run(main: Coroutine[Any, Any, T], loop: str) -> T:
+    """*main* on a new event loop of the kind *loop* names (uvloop or asyncio)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
+    if loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+def loop_name() -> str:
+    """``uvloop`` or ``asyncio``: the module of the running loop's class."""
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 
 def _percentile(values: list[float], pct: float) -> float:
@@ -40,9 +67,12 @@ async def consume(args: argparse.Namespace) -> dict[str, float]:
     connection = await aio_pika.connect_robust(args.amqp_url)
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=args.prefetch)
-    queue = await channel.declare_queue(
-        args.queue, durable=True, arguments={"x-queue-type": "quorum"}
-    )
+    if args.passive:
+        queue = await channel.declare_queue(args.queue, passive=True)
+    else:
+        queue = await channel.declare_queue(
+            args.queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
     done = asyncio.Event()
     seen = 0
     low_mark, high_mark = max(1, args.count // 10), args.count - args.count // 10
@@ -67,7 +97,7 @@ async def consume(args: argparse.Namespace) -> dict[str, float]:
             done.set()
 
     await queue.consume(on_message)
-    sys.stdout.write(json.dumps({"ready": True}) + "\n")
+    sys.stdout.write(json.dumps({"ready": True, "loop": loop_name()}) + "\n")
     sys.stdout.flush()
     try:
         await asyncio.wait_for(done.wait(), args.timeout)
@@ -101,8 +131,10 @@ def main() -> None:
     parser.add_argument("--prefetch", type=int, default=100)
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop")
+    parser.add_argument("--passive", action="store_true", help="the queue exists: no declare")
     args = parser.parse_args()
-    result = asyncio.run(consume(args))
+    result = run(consume(args), args.loop)
     sys.stdout.write(json.dumps(result) + "\n")
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from bench.cases import _sent_latency_ms
+from bench.cases import CASES, LOOPS, Config, _sent_latency_ms, loop_note
+from bench.consumers import courier_runner, faststream_consumer
+from bench.floors import raw_consumer
 from bench.harness import summarize_collapsed
 from bench.report import (
     RATIOS,
@@ -27,6 +30,7 @@ from bench.report import (
     render_table,
     summarize,
 )
+from bench.run import parse_args
 
 
 def test_summary_is_median_and_spread_of_the_repeats() -> None:
@@ -198,3 +202,171 @@ def test_the_wrk_script_reports_one_bench_line() -> None:
     script = (Path(__file__).resolve().parents[2] / "bench" / "lua" / "register.lua").read_text()
     assert "BENCH {" in script
     assert "function request()" in script
+
+
+# --------------------------------------------------------------------------------------------
+# The runner and chain_cpu cases: their CLI, their rows, their subjects' event loop
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_cli_knows_the_runner_and_chain_cases_and_the_loop() -> None:
+    args = parse_args(["--cases", "runner,chain_cpu", "--quick"])
+    assert args.cases.split(",") == ["runner", "chain_cpu"]
+    assert args.loop == "uvloop"
+    assert parse_args(["--loop", "asyncio"]).loop == "asyncio"
+    every = parse_args([]).cases.split(",")
+    assert every[:5] == ["register", "consume", "paced", "slow_sender", "io_workers"]
+    assert {"runner", "chain_cpu"} <= set(every) == set(CASES)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--cases", "runner,nope"], ["--loop", "trio"], ["--cases", "runner", "--repeat", "1"]],
+)
+def test_the_cli_refuses_what_it_cannot_run(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+
+
+def test_quick_shrinks_the_new_cases_too() -> None:
+    quick, full = Config.quick(), Config()
+    assert quick.runner_count < full.runner_count
+    assert quick.chain_seconds < full.chain_seconds
+    assert quick.runner_idle_seconds <= full.runner_idle_seconds
+    assert quick.loop == full.loop == "uvloop"
+
+
+def _runner_measurements(
+    courier: float, faststream: float, raw: float, cpu: tuple[float, float, float]
+) -> dict[str, dict[str, dict[str, list[float]]]]:
+    def side(rate: float, cpu_ms: float, idle: float) -> dict[str, list[float]]:
+        return {
+            "msg_per_s": [rate * 0.9, rate, rate * 1.1],
+            "cpu_ms_per_msg": [cpu_ms, cpu_ms, cpu_ms],
+            "idle_rss_mb": [idle, idle, idle],
+        }
+
+    return {
+        "runner": {
+            "courier": side(courier, cpu[0], 50.0),
+            "faststream": side(faststream, cpu[1], 55.0),
+            "raw": side(raw, cpu[2], 40.0),
+        }
+    }
+
+
+def test_runner_rows_hold_the_runner_to_faststream_and_raw() -> None:
+    rows = {
+        r.name: r
+        for r in compute_rows(_runner_measurements(1100.0, 1000.0, 1300.0, (0.5, 0.6, 0.4)))
+    }
+    vs_faststream = rows[
+        "runner ÷ FastStream throughput (no-op handler, same queue, prefetch and SET NX)"
+    ]
+    assert vs_faststream.ratio == pytest.approx(1.1)
+    assert (vs_faststream.target, vs_faststream.met) == ("≥ 1.05x", True)
+    vs_raw = rows["runner ÷ raw throughput"]
+    assert vs_raw.ratio == pytest.approx(1100 / 1300)
+    assert (vs_raw.target, vs_raw.met) == ("≥ 0.8x", True)
+    cpu = rows["runner CPU per message ÷ raw"]
+    assert cpu.ratio == pytest.approx(1.25)
+    assert (cpu.target, cpu.met) == ("≤ 1.3x", True)
+    assert rows["FastStream CPU per message ÷ raw"].target is None
+    idle = rows["runner idle RSS ÷ FastStream idle RSS"]
+    assert idle.ratio == pytest.approx(50 / 55)
+    assert (idle.target, idle.met) == ("≤ 1x", True)
+    assert rows["runner idle RSS ÷ raw idle RSS"].met is None
+
+
+def test_a_slow_runner_misses_its_targets() -> None:
+    rows = {
+        r.name: r
+        for r in compute_rows(_runner_measurements(500.0, 1000.0, 2000.0, (1.0, 0.6, 0.4)))
+    }
+    assert rows["runner ÷ raw throughput"].met is False
+    assert rows["runner CPU per message ÷ raw"].met is False
+    assert all(
+        row.met is False
+        for name, row in rows.items()
+        if name.startswith("runner ÷ FastStream throughput")
+    )
+
+
+def _chain(cpu: float) -> dict[str, dict[str, dict[str, list[float]]]]:
+    return {
+        "chain_cpu": {
+            "courier": {
+                "cpu_ms_per_reg": [cpu, cpu * 1.1, cpu * 0.9],
+                "users_cpu_ms_per_reg": [cpu / 2] * 3,
+                "notifier_cpu_ms_per_reg": [cpu / 2] * 3,
+                "users_share_pct": [50.0, 50.0, 50.0],
+                "notifier_share_pct": [50.0, 50.0, 50.0],
+            },
+            "floor": {
+                "cpu_ms_per_reg": [1.0, 1.0, 1.0],
+                "register_cpu_ms_per_req": [0.6, 0.6, 0.6],
+                "consume_cpu_ms_per_msg": [0.4, 0.4, 0.4],
+            },
+        }
+    }
+
+
+@pytest.mark.parametrize(("cpu", "met"), [(1.6, True), (1.8, True), (2.5, False)])
+def test_chain_cpu_is_held_to_an_absolute_target(cpu: float, met: bool) -> None:
+    rows = {r.name: r for r in compute_rows(_chain(cpu))}
+    absolute = rows["chain CPU per registration (user-service + notification-service)"]
+    assert absolute.courier.median == pytest.approx(cpu)
+    assert absolute.floor.n == 0
+    assert math.isnan(absolute.ratio)
+    assert (absolute.target, absolute.met) == ("≤ 1.8 ms", met)
+    reference = rows["chain CPU per registration ÷ register floor + raw consume floor"]
+    assert reference.ratio == pytest.approx(cpu)
+    assert (reference.target, reference.met) == (None, None)
+    assert rows["chain: user-service (request + relay) ÷ register floor"].ratio == pytest.approx(
+        cpu / 2 / 0.6
+    )
+    assert rows["chain: notification-service ÷ raw consume floor"].ratio == pytest.approx(
+        cpu / 2 / 0.4
+    )
+
+
+def test_absolute_targets_say_their_unit() -> None:
+    assert str(Target("<=", 1.8, unit="ms")) == "≤ 1.8 ms"
+    assert Target("<=", 1.8, unit="ms").absolute
+    assert not Target("<=", 1.8).absolute
+
+
+def test_the_table_renders_the_new_rows() -> None:
+    table = render_table(compute_rows({**_chain(2.0), **_runner_measurements(1, 2, 3, (1, 1, 1))}))
+    lines = table.splitlines()
+    absolute = next(line for line in lines if line.startswith("| chain CPU per registration (u"))
+    assert "| 2.00 (1.80-2.20) | - | - | ≤ 1.8 ms | **missed** |" in absolute
+    share = next(line for line in lines if line.startswith("| chain: user-service's share"))
+    assert share.startswith("| chain: user-service's share of the chain's CPU (%) | 50.0 |")
+    assert "is better" not in share
+    assert any(
+        line.startswith("| runner idle RSS ÷ FastStream idle RSS (MiB, lower") for line in lines
+    )
+
+
+def test_the_markdown_report_carries_the_runner_case() -> None:
+    text = render_markdown(_report(measurements=_runner_measurements(1, 2, 3, (1, 1, 1))))
+    assert "| runner ÷ raw throughput (msg/s, higher is better)" in text
+    assert "| runner | faststream | idle_rss_mb | 55.0 | 3 |" in text
+    assert "the floor column is what the row divides by" in text
+
+
+def test_the_report_names_the_event_loop() -> None:
+    assert "uvloop" in loop_note("uvloop")
+    assert "not the comparison to quote" in loop_note("asyncio")
+
+
+@pytest.mark.parametrize("module", [raw_consumer, courier_runner, faststream_consumer])
+@pytest.mark.parametrize("loop", LOOPS)
+def test_every_consumer_subject_runs_on_the_loop_it_is_given(module: ModuleType, loop: str) -> None:
+    async def which() -> str:
+        name: str = module.loop_name()
+        return name
+
+    assert module.LOOPS == LOOPS
+    assert module.run(which(), loop) == loop
