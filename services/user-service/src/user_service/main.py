@@ -68,11 +68,13 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = redis_connect(
-            settings.redis_url,
+            settings.redis_target(),
             max_connections=settings.redis_max_connections,
             socket_timeout=settings.outbox_block_ms / 1000 + 10,
         )
-        store = UserStore(redis, prefix=settings.redis_prefix)
+        store = UserStore(
+            redis, prefix=settings.redis_prefix, durability=settings.redis_durability()
+        )
         connection = AmqpConnection(
             settings.amqp_url, client_name=SERVICE, heartbeat=settings.amqp_heartbeat_seconds
         )
