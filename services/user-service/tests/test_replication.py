@@ -3,10 +3,12 @@
 Against a private Redis with no replica every write is applied and answered with the 503
 "may have been applied", replays and no-op PATCHes included; against a private Sentinel group
 (one replica) the same requests succeed, and the replica has each change when it is answered.
+The outbox relay publishes only what the replicas confirmed.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -59,11 +61,16 @@ async def test_without_the_replicas_every_write_is_a_503_in_doubt(
     key = {"Idempotency-Key": "replicas-late-1"}
     async with make_client(lonely) as client:
         assert_in_doubt(await client.post("/v1/users", json=user_payload(), headers=key))
-        # In doubt, not refused: the primary has the user, and its event goes out.
+        # In doubt, not refused: the primary has the user and its outbox entry...
         found = (await client.get("/v1/users", params={"email": "ada@example.com"})).json()
         [user] = found["items"]
-        [event] = await event_tap.collect(1)
-        assert event.message_id
+        # ...but the relay publishes only what the replicas confirmed: a failover could still
+        # take this registration, and its welcome must not have gone out then.
+        await asyncio.sleep(1.5)  # several relay rounds (COURIER_OUTBOX_BLOCK_MS=100)
+        assert await event_tap.queue.get(no_ack=True, fail=False) is None
+        primary = redis.Redis(port=lonely_redis.port, socket_timeout=5)
+        assert primary.xlen(f"{lonely.redis_prefix}outbox") == 1, "kept, not published"
+        primary.close()
         # The retry with the same key must not turn that 503 into an unconfirmed 201.
         assert_in_doubt(await client.post("/v1/users", json=user_payload(), headers=key))
 
@@ -82,6 +89,7 @@ async def test_with_a_replica_writes_are_answered_once_the_replica_has_them(
     settings: Settings,
     redis_sentinel_group: RedisSentinelGroup,
     make_client: Callable[[Settings], Any],
+    event_tap: EventTap,
 ) -> None:
     group = redis_sentinel_group
     behind = settings.model_copy(
@@ -97,6 +105,7 @@ async def test_with_a_replica_writes_are_answered_once_the_replica_has_them(
     key = {"Idempotency-Key": "replicas-ok-1"}
     try:
         async with make_client(behind) as client:
+            assert await event_tap.queue.get(no_ack=True, fail=False) is None
             created = await client.post("/v1/users", json=user_payload(), headers=key)
             assert created.status_code == 201, created.text
             user = created.json()
@@ -121,5 +130,9 @@ async def test_with_a_replica_writes_are_answered_once_the_replica_has_them(
 
             assert (await client.delete(path)).status_code == 204
             assert not replica.exists(f"{prefix}user:{user['id']}")
+            # Confirmed, so published: registered, updated, deleted.
+            await event_tap.collect(3)
+            types = [e["type"] for e in event_tap.bodies()]
+            assert types == ["user.registered", "user.updated", "user.deleted"]
     finally:
         replica.close()
