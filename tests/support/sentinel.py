@@ -13,7 +13,8 @@ a test module, or `RedisSentinelGroup` directly (a context manager). Without ``r
 the fixtures FAIL, never skip.
 
 * `RedisSentinelGroup.kill_primary` SIGKILLs whichever node Sentinel calls the primary;
-  `RedisSentinelGroup.wait_promoted` waits until every Sentinel names another one.
+  `RedisSentinelGroup.wait_promoted` waits until every Sentinel names another one, and
+  `RedisSentinelGroup.rejoin` starts the dead node again as a replica of the new primary.
 * `RedisSentinelGroup.failover` is the planned ``SENTINEL FAILOVER``.
 * `RedisSentinelGroup.wait_settled` waits until every Sentinel agrees on the primary, knows
   the other Sentinels and the replica, and the replica's link to the primary is up: before
@@ -81,6 +82,8 @@ class RedisNode(PrivateRedis):
     def __init__(self, base_dir: Path, *, replica_of: int | None = None) -> None:
         super().__init__(base_dir, appendonly=True, appendfsync="always")
         self.replica_of = replica_of
+        #: Set by `RedisSentinelGroup.rejoin`: start as a replica of this port.
+        self.start_as_replica_of: int | None = None
         self._label = f"Redis node :{self.port}"
 
     @property
@@ -109,7 +112,10 @@ class RedisNode(PrivateRedis):
         self.config_file.write_text("\n".join(lines) + "\n")
 
     def _command(self) -> list[str]:
-        return [shutil.which(REDIS_SERVER) or REDIS_SERVER, str(self.config_file)]
+        command = [shutil.which(REDIS_SERVER) or REDIS_SERVER, str(self.config_file)]
+        if self.start_as_replica_of is not None:
+            command += ["--replicaof", "127.0.0.1", str(self.start_as_replica_of)]
+        return command
 
     def info(self, section: str = "replication") -> dict[str, str]:
         client = _client(self.port)
@@ -349,6 +355,16 @@ class RedisSentinelGroup:
         primary = self.primary()
         primary.kill()
         return primary
+
+    def rejoin(self, node: RedisNode) -> None:
+        """Start a node that died as a replica of the primary the Sentinels name now.
+
+        What a Redis StatefulSet's start script does (the Bitnami chart's, say): a pod that
+        comes back asks the Sentinels who the primary is, instead of starting as the primary
+        it was and waiting (up to ten seconds) for Sentinel to demote it.
+        """
+        node.start_as_replica_of = self.primary().port
+        node.start()
 
     def failover(self) -> RedisNode:
         """``SENTINEL FAILOVER courier``: a planned switch; returns the primary it leaves."""
