@@ -34,6 +34,8 @@ from typing import Self
 import httpx
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
@@ -62,12 +64,14 @@ SERVICE = "courier"
 
 
 def _client(port: int, timeout: float = 2.0) -> redis.Redis:
+    """A probe: one attempt (redis-py would otherwise retry a dead port for seconds)."""
     return redis.Redis(
         host="127.0.0.1",
         port=port,
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         decode_responses=True,
+        retry=Retry(NoBackoff(), 0),
     )
 
 
