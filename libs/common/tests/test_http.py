@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import httpx
 import pytest
+import redis.exceptions
 import structlog
 from fastapi import FastAPI, HTTPException, Query, Request
 from prometheus_client import CollectorRegistry
@@ -23,12 +24,21 @@ from courier_common.http import (
     health_router,
     install_problem_handlers,
 )
+from courier_common.redis import NotReplicatedError
 
 EMAIL = "alice@example.com"
 SECRET = "hunter2-very-secret"
 LIMIT = 1024
 
 Readiness = Callable[[], Awaitable[Mapping[str, Any]]]
+
+REDIS_ERRORS: dict[str, Exception] = {
+    "down": redis.exceptions.ConnectionError("Error 111 connecting to 10.0.0.7:6379"),
+    "late": NotReplicatedError(0, 1, 1000),
+    "noreplicas": redis.exceptions.ResponseError("NOREPLICAS Not enough good replicas to write."),
+    "readonly": redis.exceptions.ReadOnlyError("You can't write against a read only replica."),
+    "wrongtype": redis.exceptions.ResponseError("WRONGTYPE Operation against a key"),
+}
 
 
 async def _ready() -> Mapping[str, Any]:
@@ -105,6 +115,14 @@ class App:
         @app.get("/boom")
         async def boom() -> None:
             raise RuntimeError(f"token {SECRET} for {EMAIL}")
+
+        @app.get("/v1/store/{kind}")
+        async def read_store(kind: str) -> None:
+            raise REDIS_ERRORS[kind]
+
+        @app.post("/v1/store/{kind}")
+        async def write_store(kind: str) -> None:
+            raise REDIS_ERRORS[kind]
 
         metrics = HttpMetrics(self.registry)
         app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=max_body_bytes)
@@ -250,6 +268,46 @@ async def test_crash_is_a_generic_500_logged_once(service: App, client: httpx.As
     assert crashes[0]["exc_info"] is True
     assert crashes[0]["route"] == "/boom"
     assert service.requests("GET", "/boom", 500) == 1
+
+
+@pytest.mark.parametrize("kind", ["down", "noreplicas", "readonly"])
+async def test_redis_away_is_a_retryable_503_and_a_write_may_have_been_applied(
+    client: httpx.AsyncClient, kind: str
+) -> None:
+    read = await client.get(f"/v1/store/{kind}")
+    body = assert_problem(read, 503)
+    assert body["title"] == "Storage unavailable"
+    assert read.headers["retry-after"] == "5"
+    assert "may have been applied" not in body["detail"]
+    assert "10.0.0.7" not in read.text
+    write = assert_problem(await client.post(f"/v1/store/{kind}"), 503)
+    assert "may have been applied" in write["detail"]
+    assert "Idempotency-Key" in write["detail"]
+
+
+async def test_replicas_late_is_a_503_that_says_the_write_is_in_doubt(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/v1/store/late")
+    body = assert_problem(response, 503)
+    assert body["title"] == "Storage unavailable"
+    assert response.headers["retry-after"] == "5"
+    assert "replicas did not confirm" in body["detail"]
+    assert "may have been applied" in body["detail"]
+    assert (body["replicas_required"], body["replicas_confirmed"]) == (1, 0)
+
+
+async def test_a_redis_error_reply_that_is_a_bug_is_a_500_logged_once(
+    service: App, client: httpx.AsyncClient
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        response = await client.post("/v1/store/wrongtype")
+    body = assert_problem(response, 500)
+    assert "WRONGTYPE" not in response.text
+    assert set(body) == {"type", "title", "status", "detail"}
+    crashes = [entry for entry in logs if entry["event"] == "unhandled_exception"]
+    assert len(crashes) == 1
+    assert not [entry for entry in logs if entry["event"] == "storage_unavailable"]
 
 
 # --------------------------------------------------------------------------------------------

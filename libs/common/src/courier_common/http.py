@@ -69,6 +69,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from courier_common.logging import configure_logging, get_logger, scrub_text
+from courier_common.redis import NotReplicatedError, is_unavailable
 from courier_common.settings import CourierSettings
 from courier_common.tracing import init_tracing, shutdown_tracing
 
@@ -427,20 +428,39 @@ class _UnhandledErrorMiddleware:
 
 
 async def _handle_storage_down(request: Request, exc: Exception) -> Response:
-    """Redis unreachable or too slow: a 503 the client may retry, not a 500 bug report.
+    """Redis unreachable, too slow or not replicating: a 503 the client may retry, not a 500.
 
     For a write the outcome is unknown: Redis may have applied it and stopped before it
-    answered (the fault suite sees it when Redis is killed under load). The detail says so,
-    and how to find out.
+    answered (the fault suite sees it when Redis is killed under load), or applied it without
+    the replicas confirming it in time (`NotReplicatedError`: a failover may take it back, or
+    it may stay). The detail says so, and how to find out. A Redis error reply that is not
+    about availability (see `courier_common.redis.is_unavailable`) is a bug: re-raised, so it
+    is logged once and answered 500.
     """
+    if not is_unavailable(exc):
+        raise exc
     _log.warning("storage_unavailable", error=type(exc).__name__)
-    detail = "The data store did not answer in time; try again shortly."
-    if request.method not in ("GET", "HEAD", "OPTIONS"):
-        detail += (
-            " The change may have been applied before it stopped answering: retry with the"
-            " same Idempotency-Key, or read the resource, to learn its outcome."
-        )
-    return problem_response(503, "Storage unavailable", detail, headers={"Retry-After": "5"})
+    write = request.method not in ("GET", "HEAD", "OPTIONS")
+    extra: dict[str, Any] | None = None
+    if isinstance(exc, NotReplicatedError):
+        detail = "The data store's replicas did not confirm the change in time; try again."
+        extra = {"replicas_required": exc.required, "replicas_confirmed": exc.confirmed}
+        if write:
+            detail += (
+                " The change may have been applied: it is on the primary and may stay or be"
+                " undone by a failover. Retry with the same Idempotency-Key, or read the"
+                " resource, to learn its outcome."
+            )
+    else:
+        detail = "The data store did not answer in time; try again shortly."
+        if write:
+            detail += (
+                " The change may have been applied before it stopped answering: retry with"
+                " the same Idempotency-Key, or read the resource, to learn its outcome."
+            )
+    return problem_response(
+        503, "Storage unavailable", detail, extra=extra, headers={"Retry-After": "5"}
+    )
 
 
 def install_problem_handlers(app: FastAPI) -> None:
@@ -460,6 +480,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _handle_validation_error)
     app.add_exception_handler(redis.exceptions.ConnectionError, _handle_storage_down)
     app.add_exception_handler(redis.exceptions.TimeoutError, _handle_storage_down)
+    app.add_exception_handler(redis.exceptions.ResponseError, _handle_storage_down)
     app.add_exception_handler(Exception, _handle_outer_exception)
     app.user_middleware.append(Middleware(_UnhandledErrorMiddleware))
 

@@ -12,11 +12,12 @@ from datetime import timedelta
 from typing import Literal
 from urllib.parse import quote, unquote, urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from courier_common.messaging.retry import RetryPolicy
 from courier_common.messaging.topology import WorkQueue
+from courier_common.redis import Durability, RedisTarget, parse_sentinels
 
 Environment = Literal["development", "test", "production"]
 
@@ -73,6 +74,41 @@ class CourierSettings(BaseSettings):
         default="courier:",
         description="Prefix of every Redis key this deployment writes.",
     )
+    # --- Redis through Sentinel, and replicated writes (courier_common.redis) ---------------
+    redis_sentinels: str = Field(
+        default="",
+        description="Comma-separated host:port of the Redis Sentinels ([v6]:port for IPv6). "
+        "Set with redis_sentinel_service to reach the primary through Sentinel; redis_url's "
+        "host and port are then not used (its scheme, credentials and db still are).",
+    )
+    redis_sentinel_service: str = Field(
+        default="",
+        max_length=200,
+        description="The master name the Sentinels monitor ('sentinel monitor <name> ...').",
+    )
+    redis_sentinel_username: str | None = Field(
+        default=None, description="ACL user for the Sentinels (their own, not the data nodes')."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        default=None, description="Password for the Sentinels (requirepass of sentinel.conf)."
+    )
+    redis_sentinel_tls: bool = Field(
+        default=False, description="Talk TLS to the Sentinels (the data nodes: rediss://)."
+    )
+    redis_min_replicas: int | None = Field(
+        default=None,
+        ge=0,
+        le=16,
+        description="Replicas that must confirm a write (WAIT) before it is acknowledged: a "
+        "201, an archived dead letter, an erased-user mark. Unset: 1 with Sentinel, 0 without.",
+    )
+    redis_replica_timeout_ms: int = Field(
+        default=1000,
+        ge=1,
+        le=5000,
+        description="How long a write waits for its replicas before the answer is a 503 "
+        "'may have been applied'. Keep it well below the Redis socket timeout (10 s).",
+    )
     http_host: str = Field(default="127.0.0.1")
     http_port: int = Field(default=8000, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
@@ -110,6 +146,40 @@ class CourierSettings(BaseSettings):
             raise ValueError("must look like redis://host:6379/0")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _check_sentinels(cls, value: str) -> str:
+        if not value.strip():
+            return ""
+        try:
+            addresses = parse_sentinels(value)
+        except ValueError as exc:
+            raise ValueError(f"must be host:port,host:port: {exc}") from None
+        return ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses)
+
+    @model_validator(mode="after")
+    def _check_sentinel_settings(self) -> CourierSettings:
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_service):
+            raise ValueError(
+                "COURIER_REDIS_SENTINELS and COURIER_REDIS_SENTINEL_SERVICE go together: "
+                "set both to use Redis Sentinel, or neither"
+            )
+        if self.redis_sentinels and urlsplit(self.redis_url).scheme == "unix":
+            raise ValueError(
+                "COURIER_REDIS_URL is a unix socket, which Sentinel cannot point at: use "
+                "redis:// or rediss:// (its host and port are not used with Sentinel)"
+            )
+        password = self.redis_sentinel_password
+        if (
+            self.environment == "production"
+            and password is not None
+            and password.get_secret_value() in PLACEHOLDER_SECRETS
+        ):
+            raise ValueError(
+                "COURIER_REDIS_SENTINEL_PASSWORD is a placeholder; set a real secret for production"
+            )
+        return self
+
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> CourierSettings:
         if self.environment != "production":
@@ -122,6 +192,33 @@ class CourierSettings(BaseSettings):
                     "set a real secret for production"
                 )
         return self
+
+    @property
+    def redis_replicas_required(self) -> int:
+        """``redis_min_replicas``, or its default: 1 behind Sentinel, 0 on a single node."""
+        if self.redis_min_replicas is not None:
+            return self.redis_min_replicas
+        return 1 if self.redis_sentinels else 0
+
+    def redis_target(self) -> RedisTarget:
+        """Where `courier_common.redis.connect` finds Redis: the URL, or the Sentinels."""
+        password = self.redis_sentinel_password
+        return RedisTarget(
+            url=self.redis_url,
+            sentinels=parse_sentinels(self.redis_sentinels) if self.redis_sentinels else (),
+            service=self.redis_sentinel_service or None,
+            sentinel_username=self.redis_sentinel_username,
+            sentinel_password=None if password is None else password.get_secret_value(),
+            sentinel_tls=self.redis_sentinel_tls,
+        )
+
+    def redis_durability(self) -> Durability:
+        """How many replicas confirm a write, and for how long it waits for them."""
+        return Durability(
+            min_replicas=self.redis_replicas_required,
+            timeout_ms=self.redis_replica_timeout_ms,
+            fence_key=f"{self.redis_prefix}replication-fence",
+        )
 
     @property
     def amqp_vhost(self) -> str:

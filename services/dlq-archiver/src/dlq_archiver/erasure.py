@@ -1,7 +1,9 @@
 """Erasure: when a user is deleted, their dead letters keep no personal data.
 
 The record stays (operators still see that something failed, and why), but the event's
-personal fields are replaced and the record can no longer be replayed.
+personal fields are replaced and the record can no longer be replayed. Behind Sentinel the
+redacted records are confirmed by the replicas before the event is acknowledged: a failover
+must not bring the personal data back.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 
 from courier_common.events import UserDeleted
 from courier_common.logging import get_logger, scrub_text
-from courier_common.messaging import Event, Router
+from courier_common.messaging import Event, RetryableError, Router
 from dlq_archiver.records import DeadLetterRecord, mask
 from dlq_archiver.store import Archive
 
@@ -59,6 +61,11 @@ class Eraser:
         ids = await self.archive.user_record_ids(user_id)
         for record_id in ids:
             await self.archive.update(record_id, _erase)
+        if ids and self.archive.durability.enabled:
+            records = await self.archive.confirmed_records(ids)
+            if not all(record.erased for record in records):
+                # The primary changed under us and lost a redaction: do it again.
+                raise RetryableError("an erased dead letter is unredacted on the new primary")
         if ids:
             await self.archive.audit("erase", what={"user_id": user_id}, count=len(ids))
         log.info("user_dead_letters_erased", user_id=user_id, count=len(ids))

@@ -153,8 +153,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = redis_connect(settings.redis_url, max_connections=settings.redis_max_connections)
-        archive = Archive(redis, prefix=settings.redis_prefix)
+        redis = redis_connect(
+            settings.redis_target(), max_connections=settings.redis_max_connections
+        )
+        archive = Archive(
+            redis, prefix=settings.redis_prefix, durability=settings.redis_durability()
+        )
         connection = AmqpConnection(
             settings.amqp_url, client_name=SERVICE, heartbeat=settings.amqp_heartbeat_seconds
         )

@@ -3,7 +3,10 @@
 Record ids are UUIDv7 strings, so every index is a sorted set scored 0 and ordered by member:
 lexicographic order is archive-time order, cursors are ids, and a time window is an id range.
 Insertion is one Lua script (dedup + record + indexes + group), so a record is either fully
-archived or not at all, and a dead letter delivered twice is stored once.
+archived or not at all, and a dead letter delivered twice is stored once. Behind Sentinel the
+insertion is confirmed by ``COURIER_REDIS_MIN_REPLICAS`` replicas before the dead letter is
+acknowledged (`courier_common.redis.Durability`): the broker forgets it at that ack, and a
+failover must not take the only copy with it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from courier_common.messaging import new_event_id
+from courier_common.redis import Durability
 from dlq_archiver.records import DeadLetterRecord, ReplayEntry
 
 _INSERT = """
@@ -127,9 +131,10 @@ class Filter:
 class Archive:
     """Reads and writes of the archive."""
 
-    def __init__(self, redis: Redis, *, prefix: str) -> None:
+    def __init__(self, redis: Redis, *, prefix: str, durability: Durability | None = None) -> None:
         self.redis = redis
         self.p = prefix + "dlq:"
+        self.durability = durability or Durability(fence_key=f"{prefix}replication-fence")
         self._insert = redis.register_script(_INSERT)
         self._delete = redis.register_script(_DELETE)
 
@@ -137,9 +142,16 @@ class Archive:
         return f"{self.p}rec:{record_id}"
 
     async def insert(self, record: DeadLetterRecord) -> str | None:
-        """Store ``record``; the id of the record already stored for it when a duplicate."""
+        """Store ``record``; the id of the record already stored for it when a duplicate.
+
+        Either way the record is on the replicas when this returns (a duplicate's first copy
+        included: the fence covers what the script found); ``NotReplicatedError`` otherwise,
+        and the caller tries again.
+        """
         last_seen_ms = str(int(record.archived_at.timestamp() * 1000))
-        existing = await self._insert(
+        existing = await self.durability.script(
+            self.redis,
+            self._insert,
             keys=[
                 f"{self.p}dedup:{record.message_id or ''}|{record.replay_id or ''}",
                 self._rec(record.id),
@@ -271,6 +283,16 @@ class Archive:
                 break
         ids.reverse()
         return ids[:max_count]
+
+    async def confirmed_records(self, ids: Sequence[str]) -> list[DeadLetterRecord]:
+        """The records as the primary has them, once the replicas confirmed them too.
+
+        What a change made through `update` may promise before its event is acknowledged
+        (the fence covers writes made on other connections before it).
+        """
+        keys = [self._rec(i) for i in ids]
+        (raws,) = await self.durability.commands(self.redis, lambda pipe: pipe.mget(keys))
+        return [DeadLetterRecord.model_validate_json(r) for r in raws if r is not None]
 
     async def user_record_ids(self, user_id: str) -> list[str]:
         members = await self.redis.smembers(f"{self.p}idx:user:{user_id}")

@@ -30,6 +30,7 @@ from courier_common.messaging import (
     Router,
 )
 from courier_common.metrics import AGE_BUCKETS, HANDLER_BUCKETS
+from courier_common.redis import Durability
 from courier_common.tracing import SERVER_ADDRESS, SERVER_PORT, get_tracer, operation_span
 from notification_service.rendering import Renderer
 from notification_service.senders import EmailSender, HttpProvider, failure_type, message_id
@@ -97,6 +98,7 @@ class Notifier:
         consumer_name: str = "notification-service",
         erased_ttl_seconds: int = 30 * 24 * 3600,
         tracer: Tracer | None = None,
+        durability: Durability | None = None,
     ) -> None:
         self.email = email
         self.sms = sms
@@ -109,6 +111,7 @@ class Notifier:
         self.consumer_name = consumer_name
         self.erased_ttl_seconds = erased_ttl_seconds
         self.tracer = tracer or get_tracer("notification_service")
+        self.durability = durability or Durability(fence_key=f"{prefix}replication-fence")
 
     def router(self) -> Router:
         router = Router()
@@ -135,8 +138,14 @@ class Notifier:
         """Remember only that the user is gone, so a welcome still in retry is not sent.
 
         This service keeps no profile data: contact details live in the events themselves.
+        The mark is confirmed by the replicas (``COURIER_REDIS_MIN_REPLICAS``) before the event
+        is acknowledged: a failover that lost it would let that welcome out after all. When
+        they do not confirm, the event is retried (setting the mark again is harmless).
         """
-        await self.redis.set(self._erased_key(event.data.user_id), "1", ex=self.erased_ttl_seconds)
+        key = self._erased_key(event.data.user_id)
+        await self.durability.commands(
+            self.redis, lambda pipe: pipe.set(key, "1", ex=self.erased_ttl_seconds)
+        )
         log.info("user_forgotten", user_id=str(event.data.user_id))
 
     async def _deliver_all(

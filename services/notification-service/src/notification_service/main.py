@@ -78,7 +78,9 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = redis_connect(settings.redis_url, max_connections=settings.redis_max_connections)
+        redis = redis_connect(
+            settings.redis_target(), max_connections=settings.redis_max_connections
+        )
         http = httpx.AsyncClient(timeout=settings.provider_timeout_seconds)
         idempotency = IdempotencyStore(
             redis,
@@ -117,6 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
             prefix=settings.redis_prefix,
             metrics=notification_metrics,
             erased_ttl_seconds=settings.erased_user_retention_seconds,
+            durability=settings.redis_durability(),
         )
         connection = AmqpConnection(
             settings.amqp_url, client_name=SERVICE, heartbeat=settings.amqp_heartbeat_seconds

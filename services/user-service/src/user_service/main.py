@@ -68,11 +68,12 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = redis_connect(
-            settings.redis_url,
+            settings.redis_target(),
             max_connections=settings.redis_max_connections,
             socket_timeout=settings.outbox_block_ms / 1000 + 10,
         )
-        store = UserStore(redis, prefix=settings.redis_prefix)
+        durability = settings.redis_durability()
+        store = UserStore(redis, prefix=settings.redis_prefix, durability=durability)
         connection = AmqpConnection(
             settings.amqp_url, client_name=SERVICE, heartbeat=settings.amqp_heartbeat_seconds
         )
@@ -89,6 +90,7 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
             block_ms=settings.outbox_block_ms,
             claim_idle_ms=settings.outbox_claim_idle_ms,
             retry_max_seconds=settings.outbox_retry_max_seconds,
+            durability=durability,
         )
         app.state.settings = settings
         app.state.store = store

@@ -7,6 +7,15 @@ flowing), and entries owned by a replica that stopped (it died mid-batch) are cl
 another once they have been idle for ``claim_idle_ms``. A relay that dies between the confirm
 and the acknowledgement republishes the entry: a duplicate with the same event id, which
 consumers deduplicate.
+
+Behind Sentinel (``COURIER_REDIS_MIN_REPLICAS`` > 0) a batch is published only once the
+replicas have it: the relay confirms the batch's newest entry (``XRANGE`` of its id, a fence
+and ``WAIT``, on one connection) first. A registration answered 503 because its replicas were
+late is in the outbox of a primary that may yet be replaced without it; its welcome must wait
+until the replicas confirm it, or never go out if a failover takes it. (The stream is a
+prefix of the old primary's history on any replica, so the newest entry standing for the
+batch is enough.) The acknowledgement and deletion after the publish are *not* confirmed: a
+failover that loses them costs a republish, which consumers deduplicate.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, OutgoingMessage, Publisher, Topology
 from courier_common.messaging.topology import declare_topology
 from courier_common.metrics import MessagingMetrics
+from courier_common.redis import Durability
 from courier_common.tracing import extract_context
 
 log = get_logger(__name__)
@@ -100,6 +110,7 @@ class OutboxRelay:
         claim_idle_ms: int = 30_000,
         retry_max_seconds: float = 5.0,
         consumer: str | None = None,
+        durability: Durability | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -112,6 +123,7 @@ class OutboxRelay:
         self.claim_idle_ms = claim_idle_ms
         self.retry_max_seconds = retry_max_seconds
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
+        self.durability = durability or Durability()
         self._stopping = asyncio.Event()
         self._publisher: Publisher | None = None
         self._retry_at = 0.0
@@ -163,9 +175,28 @@ class OutboxRelay:
             await self.update_gauges()
             self._next_gauges = now + 2.0
         entries = await self._next_batch(now)
-        if not entries:
+        if not entries or not await self._replicated(entries):
             return 0
         return await self._publish(entries)
+
+    async def _replicated(self, entries: list[Entry]) -> bool:
+        """True once the replicas have the batch (always, without replicas required).
+
+        Raises ``NotReplicatedError`` (the run loop waits and tries again) when they do not
+        confirm in time; False when the newest entry is not on the primary any more (the
+        batch was read from one that was replaced): what of it survived is read again.
+        """
+        live = [e.id for e in entries if "event" in e.fields]
+        if not self.durability.enabled or not live:
+            return True
+        newest = live[-1]
+        (found,) = await self.durability.commands(
+            self.redis, lambda pipe: pipe.xrange(self.stream, newest, newest)
+        )
+        if not found:
+            log.warning("outbox_batch_not_on_primary", entries=len(entries), newest=newest)
+            return False
+        return True
 
     async def _next_batch(self, now: float) -> list[Entry]:
         if now >= self._retry_at:
@@ -222,6 +253,8 @@ class OutboxRelay:
         failed = [(e, error) for e, error in zip(live, results, strict=True) if error is not None]
         done = confirmed + gone
         if done:
+            # Not confirmed by the replicas (no WAIT): a failover that loses this costs a
+            # republish of these entries, which consumers deduplicate by event id.
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.xack(self.stream, GROUP, *done)
                 pipe.xdel(self.stream, *done)

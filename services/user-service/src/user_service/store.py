@@ -4,6 +4,14 @@ Every change writes the user, its email claim and the outbox entry in ONE Lua sc
 runs a script atomically, so a registration either happened with its event queued, or did not
 happen at all. The broker is not on this path; the relay (:mod:`user_service.outbox`)
 publishes the entries later.
+
+Behind Sentinel a change is also confirmed by ``COURIER_REDIS_MIN_REPLICAS`` replicas before
+the API acknowledges it (`courier_common.redis.Durability`: the script, a fence and ``WAIT``
+on one connection), so a failover cannot take back a 201, a 200 or a 204: when the replicas
+do not confirm in time the write raises ``NotReplicatedError`` and the client gets the 503
+"may have been applied". What the API answers from what it *finds* (a replayed
+Idempotency-Key, a PATCH that changes nothing) is confirmed the same way, since it may be a
+write whose own answer was that 503.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from courier_common.events import (
     USER_SERVICE_SOURCE,
@@ -24,6 +33,7 @@ from courier_common.events import (
     UserUpdated,
 )
 from courier_common.messaging import EventData, new_event, new_event_id
+from courier_common.redis import Durability, NotReplicatedError
 from courier_common.tracing import inject_context
 from user_service.models import StoredUser, User, email_key
 
@@ -110,9 +120,10 @@ CreateResult = Created | EmailTaken | Replay
 class UserStore:
     """Reads and atomic writes of users, email claims and outbox entries."""
 
-    def __init__(self, redis: Redis, *, prefix: str) -> None:
+    def __init__(self, redis: Redis, *, prefix: str, durability: Durability | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.durability = durability or Durability(fence_key=f"{prefix}replication-fence")
         self.outbox_key = f"{prefix}outbox"
         self._create = redis.register_script(_CREATE)
         self._update = redis.register_script(_UPDATE)
@@ -157,6 +168,32 @@ class UserStore:
         raw = await self.redis.get(self._idempotency_key(key))
         return None if raw is None else IdempotentResponse.loads(raw)
 
+    async def confirmed_response(self, key: str) -> IdempotentResponse:
+        """The stored first response, read again and confirmed by the replicas.
+
+        Raises ``NotReplicatedError`` when the replicas do not confirm it, or when it is gone
+        (a failover took it, and maybe the registration with it): the outcome is in doubt.
+        """
+        redis_key = self._idempotency_key(key)
+
+        def read(pipe: Pipeline) -> None:
+            pipe.get(redis_key)
+
+        (raw,) = await self.durability.commands(self.redis, read)
+        if raw is None:
+            raise NotReplicatedError(0, self.durability.min_replicas, self.durability.timeout_ms)
+        return IdempotentResponse.loads(raw)
+
+    async def confirmed_get(self, user_id: UUID) -> StoredUser | None:
+        """`get`, confirmed by the replicas: what an answer built from a read may promise."""
+        redis_key = self._user_key(user_id)
+
+        def read(pipe: Pipeline) -> None:
+            pipe.get(redis_key)
+
+        (raw,) = await self.durability.commands(self.redis, read)
+        return None if raw is None else StoredUser.model_validate_json(raw)
+
     async def remember_response(self, key: str, response: IdempotentResponse, ttl: int) -> None:
         """Keep a non-201 first response (e.g. 409) so a retry replays it too."""
         await self.redis.set(self._idempotency_key(key), response.dumps(), nx=True, ex=ttl)
@@ -176,7 +213,9 @@ class UserStore:
             if idempotency
             else (f"{self.prefix}http-idem:-", "")
         )
-        result = await self._create(
+        result = await self.durability.script(
+            self.redis,
+            self._create,
             keys=[self._user_key(user.id), self._email_key(user.email), self.outbox_key, idem_key],
             args=[
                 StoredUser(user=user).model_dump_json(),
@@ -210,7 +249,9 @@ class UserStore:
             ),
         )
         event_json, routing_key, traceparent, tracestate, event_id = self._outbox_fields(data)
-        result = await self._update(
+        result = await self.durability.script(
+            self.redis,
+            self._update,
             keys=[self._user_key(updated.id), self.outbox_key],
             args=[
                 str(stored.version),
@@ -231,7 +272,9 @@ class UserStore:
         event_json, routing_key, traceparent, tracestate, event_id = self._outbox_fields(
             UserDeleted(user_id=user.id)
         )
-        result = await self._delete(
+        result = await self.durability.script(
+            self.redis,
+            self._delete,
             keys=[self._user_key(user.id), self._email_key(user.email), self.outbox_key],
             args=[str(user.id), event_json, routing_key, traceparent, tracestate, event_id],
         )

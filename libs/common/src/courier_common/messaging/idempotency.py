@@ -11,6 +11,12 @@ worker means "try later" (:class:`RetryableError`). A worker that dies holding a
 nothing: its message is redelivered and the claim expires after the lease. Claiming ``done``
 before the work (SET NX done) would lose the message when the worker dies mid-work; that is
 why the claim and the done mark are separate.
+
+Behind Sentinel neither the claim nor the ``done`` mark waits for the replicas (no ``WAIT``):
+a failover that loses a ``done`` mark costs one more send, and only if the same event comes
+again, which takes a second loss (the relay's acknowledgement of it, or the broker's of the
+delivery) in the same few milliseconds of unreplicated writes. That is a duplicate within the
+documented bound (what was in flight), at no cost on the path of every message.
 """
 
 from __future__ import annotations

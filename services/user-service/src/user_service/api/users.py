@@ -16,7 +16,7 @@ from courier_common.logging import get_logger
 from courier_common.messaging import new_event_id
 from user_service.api.deps import SettingsDep, StoreDep
 from user_service.models import User, UserCreate, UserList, UserPatch, normalize_email
-from user_service.store import Created, EmailTaken, IdempotentResponse, Replay
+from user_service.store import Created, EmailTaken, IdempotentResponse, Replay, UserStore
 
 log = get_logger(__name__)
 router = APIRouter(prefix="/v1/users", tags=["users"])
@@ -46,7 +46,7 @@ def _replay(response: IdempotentResponse) -> JSONResponse:
     "",
     status_code=status.HTTP_201_CREATED,
     response_model=User,
-    responses=problem_responses(409, 413, 422),
+    responses=problem_responses(409, 413, 422, 503),
     summary="Register a user",
 )
 async def register(
@@ -68,7 +68,7 @@ async def register(
     if idempotency_key is not None:
         prior = await store.idempotent_response(idempotency_key)
         if prior is not None:
-            return _replay_or_refuse(prior, fingerprint)
+            return await _replay_or_refuse(store, idempotency_key, prior, fingerprint)
     now = datetime.now(UTC)
     user = User(id=new_event_id(), **body.model_dump(), created_at=now, updated_at=now)
     location = f"/v1/users/{user.id}"
@@ -80,7 +80,8 @@ async def register(
         user, idempotency=idempotency, idempotency_ttl=settings.idempotency_ttl_seconds
     )
     if isinstance(result, Replay):
-        return _replay_or_refuse(result.response, fingerprint)
+        # Found in the same confirmed pipeline as the create: already confirmed.
+        return _refuse_or(result.response, fingerprint)
     if isinstance(result, EmailTaken):
         problem = ProblemError(
             status.HTTP_409_CONFLICT,
@@ -102,7 +103,20 @@ async def register(
     return result.user
 
 
-def _replay_or_refuse(prior: IdempotentResponse, fingerprint: str) -> JSONResponse:
+async def _replay_or_refuse(
+    store: UserStore, key: str, prior: IdempotentResponse, fingerprint: str
+) -> JSONResponse:
+    """Replay the first response; a 201 only once the replicas confirm it.
+
+    The first attempt may have been answered 503 because its replicas were late: replaying
+    its 201 unconfirmed would give the very promise that 503 withheld.
+    """
+    if prior.fingerprint == fingerprint and prior.status < 300 and store.durability.enabled:
+        prior = await store.confirmed_response(key)
+    return _refuse_or(prior, fingerprint)
+
+
+def _refuse_or(prior: IdempotentResponse, fingerprint: str) -> JSONResponse:
     if prior.fingerprint != fingerprint:
         raise ProblemError(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -148,7 +162,7 @@ async def read_user(user_id: UUID, store: StoreDep) -> User:
 @router.patch(
     "/{user_id}",
     response_model=User,
-    responses=problem_responses(404, 409, 413, 422),
+    responses=problem_responses(404, 409, 413, 422, 503),
     summary="Change display name, locale, channels, phone or push token",
 )
 async def update_user(user_id: UUID, patch: UserPatch, store: StoreDep) -> User:
@@ -167,7 +181,16 @@ async def update_user(user_id: UUID, patch: UserPatch, store: StoreDep) -> User:
         if updated.model_dump(exclude={"updated_at"}) == stored.user.model_dump(
             exclude={"updated_at"}
         ):
-            return stored.user
+            # Nothing to change, maybe because this is the retry of a PATCH answered 503
+            # whose change is not yet on the replicas: answer 200 only once it is.
+            if not store.durability.enabled:
+                return stored.user
+            confirmed = await store.confirmed_get(user_id)
+            if confirmed is None:
+                raise _not_found()
+            if confirmed.version == stored.version:
+                return confirmed.user
+            continue  # it changed meanwhile: look again
         outcome = await store.update(stored, updated)
         if outcome == "ok":
             log.info("user_updated", user_id=str(user_id), changed=sorted(changes))
@@ -184,7 +207,7 @@ async def update_user(user_id: UUID, patch: UserPatch, store: StoreDep) -> User:
 @router.delete(
     "/{user_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    responses=problem_responses(404, 422),
+    responses=problem_responses(404, 422, 503),
     summary="Erase a user",
 )
 async def delete_user(user_id: UUID, store: StoreDep) -> Response:
