@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from courier_common.failpoints import failpoint
 from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, new_event_id
+from courier_common.messaging.topology import declare_queue
 from courier_common.tracing import get_tracer, process_span
 from dlq_archiver.records import DeadLetterRecord, from_message
 from dlq_archiver.shutdown import cancel_and_wait, pause
@@ -98,9 +99,9 @@ class ArchiveConsumer:
 
     async def start(self) -> None:
         channel = await self.connection.channel(prefetch=self.prefetch)
-        self._queue = await channel.declare_queue(
-            self.queue_name, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+        # Through declare_queue: the queue may have been created with an initial group size
+        # (the topology's), which a plain re-declaration without it would fail on.
+        self._queue = await declare_queue(channel, self.queue_name, {"x-queue-type": "quorum"})
         self._tag = await self._queue.consume(self._on_message)
         log.info("archiver_started", queue=self.queue_name)
 

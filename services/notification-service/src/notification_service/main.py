@@ -130,7 +130,7 @@ def create_app(settings: Settings) -> FastAPI:
                 prefetch=settings.amqp_prefetch,
             ),
             backlog=BacklogMonitor(
-                ManagementClient(settings.management_url),
+                ManagementClient(settings.management_urls),
                 vhost=settings.amqp_vhost,
                 queues=[
                     work_queue.name,

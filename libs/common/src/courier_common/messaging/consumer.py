@@ -41,7 +41,12 @@ from courier_common.messaging.publisher import (
     Publisher,
 )
 from courier_common.messaging.retry import PermanentError, RetryableError
-from courier_common.messaging.topology import DEAD_LETTER_EXCHANGE, DEFAULT_EXCHANGE, WorkQueue
+from courier_common.messaging.topology import (
+    DEAD_LETTER_EXCHANGE,
+    DEFAULT_EXCHANGE,
+    WorkQueue,
+    declare_queue,
+)
 from courier_common.metrics import MessagingMetrics
 from courier_common.tracing import get_tracer, process_span, record_failure
 
@@ -194,8 +199,8 @@ class ConsumerRunner:
         self._publisher = Publisher(publish_channel, metrics=self.metrics, tracer=self.tracer)
         # Declared (not passive) with the same arguments, so the robust queue can re-declare
         # it after a reconnect to a broker that lost it, and a mismatch still fails loudly.
-        self._amqp_queue = await self._channel.declare_queue(
-            self.queue.name, durable=True, arguments=self.queue.arguments()
+        self._amqp_queue = await declare_queue(
+            self._channel, self.queue.name, self.queue.arguments()
         )
         self._consumer_tag = await self._amqp_queue.consume(self._on_message)
         log.info("consumer_started", queue=self.queue.name, prefetch=self.prefetch)
