@@ -24,6 +24,7 @@ from courier_common.http import (
 )
 from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, Topology, TopologyMismatchError
+from courier_common.messaging.connection import broker_state
 from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.redis import connect as redis_connect
 from user_service.api import users
@@ -114,13 +115,18 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
             redis_ok = await store.ping()
         except Exception as exc:
             return {"ready": False, "redis": f"error: {type(exc).__name__}"}
-        # The broker is reported, not required: the outbox buffers while it is away.
-        return {
+        # The broker is reported, not required: the outbox buffers while it is away, and also
+        # while the broker refuses the configured vhost or credentials (logged once as
+        # critical; the relay retries until an operator fixes it, and nothing is lost).
+        report: dict[str, Any] = {
             "ready": redis_ok,
             "redis": "ok" if redis_ok else "down",
-            "broker": "connected" if relay.broker_connected else "disconnected",
+            "broker": broker_state(relay.connection),
             "relay": "on" if settings.relay_enabled else "off",
         }
+        if settings.relay_enabled and relay.connection.problem:
+            report["broker_problem"] = relay.connection.problem
+        return report
 
     app = FastAPI(
         title="Courier user-service",

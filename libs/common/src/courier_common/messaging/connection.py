@@ -114,6 +114,13 @@ def _vhost_of(url: str) -> str:
     return path[1:] if len(path) > 1 else "/"
 
 
+def broker_state(connection: AmqpConnection) -> str:
+    """``/readyz``'s word for the connection: connected, refused or disconnected."""
+    if connection.is_connected:
+        return "connected"
+    return "refused" if connection.refused else "disconnected"
+
+
 class NodeRotatingConnection(aio_pika.RobustConnection):
     """aio-pika's robust connection over the nodes of a cluster, moving on when one fails.
 
