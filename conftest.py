@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.support.archiver",
     "tests.support.chain",
     "tests.support.faults",
+    "tests.support.cluster",
 ]
