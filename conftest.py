@@ -7,6 +7,7 @@ pytest_plugins = [
     "tests.support.stack",
     "tests.support.archiver",
     "tests.support.chain",
+    "tests.support.rabbitmq4",
     "tests.support.faults",
     "tests.support.cluster",
 ]

@@ -27,11 +27,15 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+import pytest
 from filelock import FileLock
+
+from tests.support.private_services import PrivateEpmd, PrivateRabbitMQ, PrivateServiceError
 
 __all__ = [
     "ROOT_ENV",
@@ -41,6 +45,9 @@ __all__ = [
     "default_root",
     "ensure_root",
     "missing_tools",
+    "rabbitmq4_node",
+    "rabbitmq4_root",
+    "start_rabbitmq4_node",
 ]
 
 ROOT_ENV: Final[str] = "COURIER_RABBITMQ4_ROOT"
@@ -298,3 +305,57 @@ def ensure_root(path: Path | None = None) -> RabbitMQ4Root:
 
 if __name__ == "__main__":  # python -m tests.support.rabbitmq4: build (or find) the root
     print(ensure_root().describe())
+
+
+# --- pytest fixtures (loaded as a plugin by the root conftest) -----------------------------------
+
+_used: list[RabbitMQ4Root] = []
+
+
+@pytest.fixture(scope="session")
+def rabbitmq4_root() -> RabbitMQ4Root:
+    """The RabbitMQ 4 root, built on first use. Missing tools FAIL the test, never skip it."""
+    try:
+        root = ensure_root()
+    except (RootBuildError, OSError) as exc:
+        pytest.fail(f"rabbitmq4_root: {exc}", pytrace=False)
+    _used.append(root)
+    return root
+
+
+def start_rabbitmq4_node(
+    root: RabbitMQ4Root, base_dir: Path
+) -> tuple[PrivateRabbitMQ, PrivateEpmd]:
+    """A started RabbitMQ 4 node with management, and its private epmd (close both)."""
+    epmd = PrivateEpmd(base_dir)
+    node = PrivateRabbitMQ(base_dir, management=True, root=root, epmd=epmd)
+    try:
+        node.start(timeout=180)
+    except PrivateServiceError as exc:
+        node.close()
+        epmd.close()
+        pytest.fail(f"RabbitMQ 4 node: could not start: {exc}", pytrace=False)
+    except BaseException:
+        node.close()
+        epmd.close()
+        raise
+    return node, epmd
+
+
+@pytest.fixture(scope="session")
+def rabbitmq4_node(
+    rabbitmq4_root: RabbitMQ4Root, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PrivateRabbitMQ]:
+    """One RabbitMQ 4 node for the session (the messaging core's V4 runs): each test gets its
+    own vhost on it, as on the shared 3.10 broker."""
+    node, epmd = start_rabbitmq4_node(rabbitmq4_root, tmp_path_factory.mktemp("rabbitmq4"))
+    try:
+        yield node
+    finally:
+        node.close()
+        epmd.close()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for root in _used[:1]:
+        terminalreporter.write_line(f"rabbitmq4-root: {root.describe()}")
