@@ -25,8 +25,9 @@ test: setup lint ## Lint, then run every test against the real RabbitMQ and Redi
 test-fast: ## Tests without set-up or lint (services must already be up)
 	@$(UV) run --locked pytest -m "not fault" $(PYTEST_ARGS)
 
-faults: setup ## The full fault and bad-input matrix (private RabbitMQ/Redis); writes docs/faults-report.md
+faults: setup ## The full fault and bad-input matrix (private RabbitMQ/Redis, a 3-node cluster, RabbitMQ 4); writes docs/faults-report.md
 	@$(UV) run --locked pytest tests/faults --fault-matrix --fault-report docs/faults-report.md $(PYTEST_ARGS)
+	@$(UV) run --locked pytest libs/common/tests --fault-matrix -m v4 $(PYTEST_ARGS)
 
 bench: setup ## Courier vs the bare stack, as ratios (installs wrk); writes bench/results/ (BENCH_ARGS=--quick)
 	@$(UV) run --locked python bench/run.py $(BENCH_ARGS)

@@ -16,7 +16,7 @@ from courier_common.messaging.connection import (
     redact_url,
     split_amqp_urls,
 )
-from tests.support.fixtures import AMQP_HOST, AMQP_PORT, BrokerAdmin, BrokerVhost
+from tests.support.fixtures import BrokerAdmin, BrokerVhost
 from tests.support.helpers import eventually
 from tests.support.private_services import PrivateRabbitMQ
 
@@ -79,7 +79,7 @@ async def test_an_unknown_vhost_is_one_critical_line_then_retried_until_it_exist
 ) -> None:
     """The broker's refusal is configuration: said once, loudly; the operator may fix it."""
     name = f"courier-test-{id(capsys)}-late"
-    url = f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{quote(name, safe='')}"
+    url = broker_admin.vhost(name).amqp_url
     broker_admin.delete_vhost(name)
     connection = AmqpConnection(url, client_name="courier-tests")
     connecting = asyncio.create_task(connection.connect(timeout=None))
@@ -172,7 +172,7 @@ async def test_a_reconnect_goes_to_the_next_node_when_this_one_dies(
 
 
 def broker_admin_queue_consumers(vhost: BrokerVhost, queue: str) -> int:
-    admin = BrokerAdmin()
+    admin = BrokerAdmin(vhost.management)
     try:
         response = admin.client.get(
             f"/api/queues/{quote(vhost.name, safe='')}/{quote(queue, safe='')}"
