@@ -163,3 +163,34 @@ async def test_an_existing_queue_keeps_its_group_size_instead_of_failing_startup
         await declare_queue(
             await connection.channel(), WORK.name, {**changed, "x-delivery-limit": 99}
         )
+
+
+async def test_deleting_a_quorum_queue_must_say_if_unused_false(
+    amqp_url: str, broker_admin: BrokerAdmin, vhost: BrokerVhost
+) -> None:
+    """``queue.delete`` with if-unused (the default of aio-pika's ``Queue.delete``) on a quorum
+    queue is refused with 540 NOT_IMPLEMENTED, which closes the whole connection. Issue 16
+    reported it as a 4.0 difference; 3.10 does the same. Anything that deletes a queue says
+    ``if_unused=False`` (``Channel.queue_delete``'s default), which both accept."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        doomed = await channel.declare_queue(
+            "courier-test-doomed", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await channel.declare_queue(
+            "courier-test-doomed-2", durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        with pytest.raises(aiormq.exceptions.AMQPError, match="NOT_IMPLEMENTED"):
+            await doomed.delete()  # if_unused=True, if_empty=True
+        assert connection.is_closed or channel.is_closed
+    finally:
+        await connection.close()
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete("courier-test-doomed-2", if_unused=False)
+        await channel.queue_delete("courier-test-doomed", if_unused=False)
+    finally:
+        await connection.close()
+    assert {q["name"] for q in broker_admin.queues(vhost.name)} == set()
