@@ -11,6 +11,8 @@
 #                  A service that is already running is never stopped or restarted.
 #   4. tools       promtool and prometheus (Debian package prometheus, installed with apt if
 #                  missing; never started as a daemon): metric lint, rule tests, live chain.
+#                  debootstrap (apt if missing): the fault harness builds a Debian 13 root with
+#                  RabbitMQ 4.0 from it once (tests/support/rabbitmq4.py; cached outside the repo).
 #
 # Options:
 #   --no-sync        skip step 2
@@ -532,6 +534,18 @@ ensure_prometheus() {
         "(for promtool and the live-chain test; the tests start their own server)"
 }
 
+# debootstrap: tests/support/rabbitmq4.py builds the RabbitMQ 4 root with it (once, cached in
+# ${XDG_CACHE_HOME:-~/.cache}/courier). Only installed here; the tests build the root.
+ensure_debootstrap() {
+    if have debootstrap || [[ -x /usr/sbin/debootstrap ]]; then
+        info "debootstrap: present (for the RabbitMQ 4 test root)"
+        return
+    fi
+    apt_install debootstrap "debootstrap" \
+        "install debootstrap (the fault suite builds a Debian 13 root with RabbitMQ 4 from it), then re-run"
+    say "debootstrap: not installed, installed $(pkg_version debootstrap) with apt (for the RabbitMQ 4 test root)"
+}
+
 # ---------------------------------------------------------------------------------------------
 # main
 
@@ -560,7 +574,10 @@ main() {
     if ((DO_SYNC)); then sync_workspace; fi
     ensure_rabbitmq
     ensure_redis
-    if ((DO_TOOLS)); then ensure_prometheus; fi
+    if ((DO_TOOLS)); then
+        ensure_prometheus
+        ensure_debootstrap
+    fi
     info "ready ($(elapsed "$t0"))"
 }
 
