@@ -32,8 +32,9 @@ test-images: images ## Run each image as the chart runs its pod, against RabbitM
 	@$(UV) run --locked pytest tests/images $(PYTEST_ARGS)
 	@sed -n '1,/^### /p' var/images/layers.md | sed '$$d'
 
-faults: setup ## The full fault and bad-input matrix (private RabbitMQ/Redis); writes docs/faults-report.md
+faults: setup ## The full fault and bad-input matrix (private RabbitMQ/Redis, a 3-node cluster, RabbitMQ 4); writes docs/faults-report.md
 	@$(UV) run --locked pytest tests/faults --fault-matrix --fault-report docs/faults-report.md $(PYTEST_ARGS)
+	@$(UV) run --locked pytest libs/common/tests --fault-matrix -m v4 $(PYTEST_ARGS)
 
 bench: setup ## Courier vs the bare stack, as ratios (installs wrk); writes bench/results/ (BENCH_ARGS=--quick)
 	@$(UV) run --locked python bench/run.py $(BENCH_ARGS)

@@ -11,7 +11,9 @@ pytest_plugins = [
     "tests.support.stack",
     "tests.support.archiver",
     "tests.support.chain",
+    "tests.support.rabbitmq4",
     "tests.support.faults",
+    "tests.support.cluster",
 ]
 
 #: `make test-images` runs these (after `make images`); `make test` never collects them.

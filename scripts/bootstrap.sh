@@ -14,6 +14,8 @@
 #                  kubectl (kustomize built in; the overlay tests render with it): installed
 #                  with apt when an apt source offers it, else a failure under CI and a
 #                  warning otherwise (Debian's own archive has no kubectl).
+#                  debootstrap (apt if missing): the fault harness builds a Debian 13 root with
+#                  RabbitMQ 4.0 from it once (tests/support/rabbitmq4.py; cached outside the repo).
 #
 # Options:
 #   --no-sync        skip step 2
@@ -553,6 +555,16 @@ ensure_kubectl() {
         die "$message"
     fi
     warn "$message"
+# debootstrap: tests/support/rabbitmq4.py builds the RabbitMQ 4 root with it (once, cached in
+# ${XDG_CACHE_HOME:-~/.cache}/courier). Only installed here; the tests build the root.
+ensure_debootstrap() {
+    if have debootstrap || [[ -x /usr/sbin/debootstrap ]]; then
+        info "debootstrap: present (for the RabbitMQ 4 test root)"
+        return
+    fi
+    apt_install debootstrap "debootstrap" \
+        "install debootstrap (the fault suite builds a Debian 13 root with RabbitMQ 4 from it), then re-run"
+    say "debootstrap: not installed, installed $(pkg_version debootstrap) with apt (for the RabbitMQ 4 test root)"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -586,6 +598,7 @@ main() {
     if ((DO_TOOLS)); then
         ensure_prometheus
         ensure_kubectl
+        ensure_debootstrap
     fi
     info "ready ($(elapsed "$t0"))"
 }

@@ -49,17 +49,23 @@ def log_events(path_text: str) -> list[str]:
     return events
 
 
+F2 = "F2 broker SIGKILL and restart during registrations"
+
+
 @pytest.mark.parametrize(
-    ("scenario", "halt"),
+    ("scenario", "halt", "fault_broker"),
     [
-        pytest.param("F2 broker SIGKILL and restart during registrations", "kill", id="f2-kill"),
+        pytest.param(F2, "kill", "3.10", id="f2-kill"),
         pytest.param(
             "F3 graceful broker restart during registrations",
             "stop",
+            "3.10",
             id="f3-graceful",
             marks=pytest.mark.matrix,
         ),
+        pytest.param(F2, "kill", "4.0", id="V4-f2-kill-rabbitmq4.0", marks=pytest.mark.matrix),
     ],
+    indirect=["fault_broker"],
 )
 def test_broker_restarted_during_registrations(
     fault_stack: FaultStack, scenario: str, halt: str

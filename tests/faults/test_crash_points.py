@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from courier_common.failpoints import ENV_VAR
-from tests.support.faults import FaultStack
+from tests.support.faults import RABBITMQ_RELEASES, FaultStack
 from tests.support.processes import ServiceProcess
 
 pytestmark = pytest.mark.fault
@@ -86,6 +86,7 @@ def consumed(metrics_text: str, outcome: str) -> float:
         pytest.param(AFTER_DONE, id="after-done-before-ack", marks=pytest.mark.matrix),
     ],
 )
+@pytest.mark.parametrize("fault_broker", RABBITMQ_RELEASES, indirect=True)
 def test_worker_killed_at_crash_point(fault_stack: FaultStack, crash_point: CrashPoint) -> None:
     ledger = fault_stack.ledger(f"F1 worker SIGKILL {crash_point.where}")
     worker = fault_stack.chain.processes["notification-service"]

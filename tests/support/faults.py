@@ -32,6 +32,7 @@ from tests.support.chain import Chain, start_chain
 from tests.support.ledger import Ledger, Tally
 from tests.support.private_services import PrivateRabbitMQ, PrivateRedis
 from tests.support.processes import ServiceRunner
+from tests.support.rabbitmq4 import start_rabbitmq4_node
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_REPORT = REPO / "var" / "faults" / "report.md"
@@ -163,6 +164,10 @@ class FaultStack:
         return self.broker.management_url
 
     def ledger(self, scenario: str) -> Ledger:
+        """A ledger for *scenario*; on RabbitMQ 4 its row is named ``V4 <scenario> (4.0.x)``."""
+        if self.broker.root is not None:
+            version = self.broker.root.version.split("-")[0]
+            scenario = f"V4 {scenario} (RabbitMQ {version})"
         return Ledger(scenario)
 
     def queue_depths(self) -> dict[str, int]:
@@ -253,8 +258,29 @@ class FaultStack:
         return tally
 
 
+#: Parametrize ``fault_broker`` (indirect) with these to run a scenario on both releases:
+#: the host's 3.10 and, in the full matrix, Debian 13's 4.0 in a chroot (``V4`` in the id).
+RABBITMQ_RELEASES = (
+    pytest.param("3.10", id="rabbitmq3.10"),
+    pytest.param("4.0", id="V4-rabbitmq4.0", marks=pytest.mark.matrix),
+)
+
+
 @pytest.fixture
-def fault_broker(tmp_path: Path) -> Iterator[PrivateRabbitMQ]:
+def fault_broker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PrivateRabbitMQ]:
+    """A private node with management: RabbitMQ 3.10, or 4.0 when parametrized with "4.0"."""
+    release = getattr(request, "param", "3.10")
+    if release == "4.0":
+        root = request.getfixturevalue("rabbitmq4_root")
+        node, epmd = start_rabbitmq4_node(root, tmp_path / "rabbitmq4")
+        try:
+            yield node
+        finally:
+            node.close()
+            epmd.close()
+        return
+    if release != "3.10":
+        raise ValueError(f"fault_broker: no RabbitMQ release {release!r} (3.10 or 4.0)")
     node = PrivateRabbitMQ(tmp_path / "rabbitmq", management=True)
     try:
         node.start()

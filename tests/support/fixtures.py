@@ -39,31 +39,55 @@ _counter = itertools.count(1)
 
 @dataclass(frozen=True)
 class BrokerVhost:
-    """A vhost on the shared broker that belongs to one test."""
+    """A vhost on the shared broker (or another broker, see `BrokerAdmin`) for one test."""
 
     name: str
+    amqp_host: str = AMQP_HOST
+    amqp_port: int = AMQP_PORT
+    management: str = MANAGEMENT_URL
 
     @property
     def amqp_url(self) -> str:
-        return f"amqp://{USER}:{PASSWORD}@{AMQP_HOST}:{AMQP_PORT}/{quote(self.name, safe='')}"
+        vhost = quote(self.name, safe="")
+        return f"amqp://{USER}:{PASSWORD}@{self.amqp_host}:{self.amqp_port}/{vhost}"
 
     @property
     def management_url(self) -> str:
-        return MANAGEMENT_URL.replace("://", f"://{USER}:{PASSWORD}@", 1)
+        return self.management.replace("://", f"://{USER}:{PASSWORD}@", 1)
 
 
 class BrokerAdmin:
-    """Management API calls the tests need (synchronous: used from fixtures)."""
+    """Management API calls the tests need (synchronous: used from fixtures).
 
-    def __init__(self) -> None:
-        self.client = httpx.Client(base_url=MANAGEMENT_URL, auth=(USER, PASSWORD), timeout=30)
+    The shared broker's by default; *management_url* and *amqp_port* point it at another
+    (the RabbitMQ 4 node of the V4 runs).
+    """
+
+    def __init__(
+        self,
+        management_url: str = MANAGEMENT_URL,
+        *,
+        amqp_host: str = AMQP_HOST,
+        amqp_port: int = AMQP_PORT,
+        release: str = "3.10",
+    ) -> None:
+        self.management_url = management_url
+        self.amqp_host = amqp_host
+        self.amqp_port = amqp_port
+        self.release = release
+        self.client = httpx.Client(base_url=management_url, auth=(USER, PASSWORD), timeout=30)
+
+    def vhost(self, name: str) -> BrokerVhost:
+        """A handle on vhost *name* of this broker (not created here)."""
+        return BrokerVhost(name, self.amqp_host, self.amqp_port, self.management_url)
 
     def check(self) -> None:
         try:
             self.client.get("/api/overview").raise_for_status()
         except httpx.HTTPError as exc:
             pytest.fail(
-                f"RabbitMQ management API is not reachable at {MANAGEMENT_URL} ({exc!r}). "
+                f"RabbitMQ management API is not reachable at {self.management_url} "
+                f"({exc!r}). "
                 "Run `make test` (it starts RabbitMQ and enables rabbitmq_management), or "
                 "`rabbitmq-plugins enable rabbitmq_management rabbitmq_prometheus`.",
                 pytrace=False,
@@ -133,7 +157,7 @@ def vhost(broker_admin: BrokerAdmin) -> Iterator[BrokerVhost]:
     name = f"{VHOST_PREFIX}{_RUN_ID}-{next(_counter)}"
     broker_admin.create_vhost(name)
     try:
-        yield BrokerVhost(name)
+        yield broker_admin.vhost(name)
     finally:
         broker_admin.delete_vhost(name)
 

@@ -34,11 +34,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Literal, Self
+from typing import TYPE_CHECKING, Final, Literal, Self
 
 import pytest
 
+if TYPE_CHECKING:
+    from tests.support.rabbitmq4 import RabbitMQ4Root
+
 __all__ = [
+    "PrivateEpmd",
     "PrivateRabbitMQ",
     "PrivateRedis",
     "PrivateServiceError",
@@ -575,7 +579,14 @@ class PrivateRabbitMQ(_PrivateServer):
     _label = "private RabbitMQ"
 
     def __init__(
-        self, base_dir: Path, *, name: str | None = None, management: bool = False
+        self,
+        base_dir: Path,
+        *,
+        name: str | None = None,
+        management: bool = False,
+        root: RabbitMQ4Root | None = None,
+        epmd: PrivateEpmd | None = None,
+        cookie: str | None = None,
     ) -> None:
         short = name if name is not None else f"courier-fault-{secrets.token_hex(4)}"
         if not _NODE_NAME_RE.match(short):
@@ -584,11 +595,18 @@ class PrivateRabbitMQ(_PrivateServer):
         self.name: str = short
         self.nodename: str = f"{short}@localhost"
         self.management: bool = management
+        #: A chroot with another RabbitMQ (tests/support/rabbitmq4.py); None: the host's.
+        self.root: RabbitMQ4Root | None = root
+        #: A private epmd (its own ERL_EPMD_PORT); None: the host's epmd on 4369.
+        self.epmd: PrivateEpmd | None = epmd
+        #: The Erlang cookie; nodes of one cluster share it. None: Erlang makes one.
+        self.cookie: str | None = cookie
         self.amqp_port: int = _free_port()
         self.dist_port: int = _free_port()
         self.management_port: int | None = _free_port() if management else None
         self.prometheus_port: int | None = _free_port() if management else None
-        self._label = f"private RabbitMQ {self.nodename}"
+        version = f" ({root.version})" if root is not None else ""
+        self._label = f"private RabbitMQ {self.nodename}{version}"
 
     # --- public helpers -------------------------------------------------------------------------
 
@@ -652,11 +670,18 @@ class PrivateRabbitMQ(_PrivateServer):
     # --- internals ------------------------------------------------------------------------------
 
     def _run_cli(self, tool: str, *args: str, timeout: float) -> str:
-        cmd = [str(RABBITMQ_SBIN_DIR / tool), "-n", self.nodename, *args]
+        if self.root is not None:
+            cmd = self.root.ns_command(
+                [f"{ROOT_SBIN}/{tool}", "-n", self.nodename, *args],
+                bind=self.workdir,
+                env=self._environment(),
+            )
+        else:
+            cmd = [str(RABBITMQ_SBIN_DIR / tool), "-n", self.nodename, *args]
         try:
             done = subprocess.run(
                 cmd,
-                env=self._environment(),
+                env=self._environment() if self.root is None else _clean_env(),
                 cwd=self.workdir,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
@@ -676,7 +701,13 @@ class PrivateRabbitMQ(_PrivateServer):
 
     def _environment(self) -> dict[str, str]:
         env = _clean_env()
-        wd = self.workdir
+        # Inside a chroot the work dir is bind-mounted at NODE_MOUNT (see rabbitmq4.py).
+        wd = Path(ROOT_NODE_MOUNT) if self.root is not None else self.workdir
+        if self.root is not None:
+            env = {key: env[key] for key in ("LANG", "LC_ALL", _OWNER_VAR) if key in env}
+            env["PATH"] = "/usr/sbin:/usr/bin:/sbin:/bin"
+        if self.epmd is not None:
+            env["ERL_EPMD_PORT"] = str(self.epmd.port)
         env.update(
             {
                 # The Erlang cookie is $HOME/.erlang.cookie: server and CLI must share HOME.
@@ -708,6 +739,10 @@ class PrivateRabbitMQ(_PrivateServer):
         for sub in ("home", "mnesia", "log"):
             (wd / sub).mkdir(parents=True, exist_ok=True)
         (wd / "rabbitmq-env.conf").write_text("# intentionally empty: see private_services.py\n")
+        if self.cookie is not None:
+            cookie = wd / "home" / ".erlang.cookie"
+            cookie.write_text(self.cookie)
+            cookie.chmod(0o400)
         lines = [
             f"listeners.tcp.default = 127.0.0.1:{self.amqp_port}",
         ]
@@ -724,7 +759,16 @@ class PrivateRabbitMQ(_PrivateServer):
         (wd / "rabbitmq.pid").unlink(missing_ok=True)
 
     def _command(self) -> list[str]:
+        if self.root is not None:
+            return self.root.ns_command(
+                [f"{ROOT_SBIN}/rabbitmq-server"], bind=self.workdir, env=self._environment()
+            )
         return [str(RABBITMQ_SBIN_DIR / "rabbitmq-server")]
+
+    def start(self, timeout: float = 60) -> None:
+        if self.epmd is not None and not self.epmd.running:
+            self.epmd.start()
+        super().start(timeout=timeout)
 
     def _beam(self) -> _ProcInfo | None:
         if self._proc is None or self._proc.poll() is not None:
@@ -773,6 +817,50 @@ class PrivateRabbitMQ(_PrivateServer):
             self.ctl("stop", timeout=timeout)
         except PrivateServiceError:
             return  # the caller falls back to SIGKILL
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=timeout)
+
+
+ROOT_SBIN: Final[str] = "/usr/lib/rabbitmq/bin"
+ROOT_NODE_MOUNT: Final[str] = "/courier-node"
+
+
+class PrivateEpmd(_PrivateServer):
+    """An Erlang port mapper of our own on a free port (``ERL_EPMD_PORT`` for our nodes).
+
+    The host's epmd on 4369 belongs to the shared node: a private cluster, or a node of
+    another Erlang release in a chroot, registers here instead and never talks to it. It runs
+    in the foreground (no ``-daemon``), so ``close()`` ends it like any other server.
+    """
+
+    _label = "private epmd"
+
+    def __init__(self, base_dir: Path) -> None:
+        port = _free_port()
+        super().__init__(Path(base_dir).absolute() / f"epmd-{port}")
+        self.port: int = port
+        self._label = f"private epmd :{port}"
+
+    def _command(self) -> list[str]:
+        return [shutil.which("epmd") or "epmd", "-address", "127.0.0.1", "-port", str(self.port)]
+
+    def _main_process(self) -> _ProcInfo:
+        info = None if self._proc is None else _proc_info(self._proc.pid)
+        if info is None or not self.running:
+            raise PrivateServiceError(f"{self._label} is not running")
+        return info
+
+    def _wait_ready(self, deadline: float) -> None:
+        while not _port_accepts(self.port):
+            self._check_alive("starting")
+            if time.monotonic() >= deadline:
+                raise PrivateServiceError(f"{self._label}: not ready\n" + self.diagnostics())
+            time.sleep(0.05)
+
+    def _graceful_stop(self, timeout: float) -> None:
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._proc.wait(timeout=timeout)
 

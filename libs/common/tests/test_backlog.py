@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
+import pytest
 from aio_pika.abc import AbstractRobustChannel
 
 from courier_common.messaging import Publisher, new_event
@@ -70,3 +72,24 @@ async def test_an_unreachable_management_api_is_reported_not_raised(
     assert monitor._task is not None
     assert not monitor._task.done()
     await monitor.stop()
+
+
+async def test_the_next_management_url_answers_when_the_first_node_is_down(
+    declared: DeclaredTopology, vhost: BrokerVhost
+) -> None:
+    """One URL per node: a dead node moves the client on, and it stays on the live one."""
+    client = ManagementClient(f"http://guest:guest@127.0.0.1:9,{vhost.management_url}")
+    try:
+        depth = await client.queue_depth(vhost.name, WORK.name)
+        assert (depth.name, depth.ready) == (WORK.name, 0)
+        assert client.base_url == vhost.management  # and it stays on the node that answered
+        assert (await client.queue_depth(vhost.name, WORK.name)).name == WORK.name
+    finally:
+        await client.aclose()
+    # A 404 is an answer (the same on every node), not a reason to try another.
+    client = ManagementClient([vhost.management_url, "http://guest:guest@127.0.0.1:9"])
+    try:
+        with pytest.raises(httpx.HTTPStatusError, match="404"):
+            await client.queue_depth(vhost.name, "no-such-queue")
+    finally:
+        await client.aclose()

@@ -44,12 +44,23 @@ class CourierSettings(BaseSettings):
     )
     amqp_url: str = Field(
         default="amqp://guest:guest@127.0.0.1:5672/",
-        description="RabbitMQ URL; the path is the vhost (percent-encoded, '/' is the default).",
+        description="RabbitMQ URL; the path is the vhost (percent-encoded, '/' is the default). "
+        "A cluster: one URL per node, comma-separated, tried in turn at start and on every "
+        "reconnect; all with the same user, password and vhost.",
     )
     amqp_management_url: str | None = Field(
         default=None,
-        description="RabbitMQ management API base URL used to poll queue depth; "
-        "derived from amqp_url (same host and credentials, port 15672) when unset.",
+        description="RabbitMQ management API base URL used to poll queue depth (a "
+        "comma-separated list is tried in turn); derived from amqp_url when unset: each "
+        "node's host, port 15672, the same credentials.",
+    )
+    quorum_initial_group_size: int = Field(
+        default=3,
+        ge=1,
+        le=99,
+        description="Members a quorum queue gets when it is created "
+        "(x-quorum-initial-group-size); RabbitMQ caps it at the cluster's size, so 3 on one "
+        "node is one member. Only used at creation: an existing queue keeps its members.",
     )
     amqp_heartbeat_seconds: int = Field(
         default=30,
@@ -131,10 +142,33 @@ class CourierSettings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        urls = [part.strip() for part in value.split(",")]
+        if not any(urls):
             raise ValueError("must look like amqp://user:password@host:5672/vhost")
-        return value
+        seen: tuple[str | None, str | None, str, str] | None = None
+        for n, url in enumerate(urls, 1):
+            where = f"URL {n} of {len(urls)}" if len(urls) > 1 else "the URL"
+            try:
+                parts = urlsplit(url)
+                parts.port  # noqa: B018  # raises on a port that is not a number
+            except ValueError:
+                raise ValueError(f"{where} is not a URL") from None
+            if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+                raise ValueError(
+                    f"{where} must look like amqp://user:password@host:5672/vhost "
+                    "(a cluster: one such URL per node, comma-separated)"
+                )
+            # One cluster: every node has the same users and vhosts. A list that mixes
+            # them is a typo, and would make a reconnect land somewhere else.
+            same = (parts.username, parts.password, parts.path.rstrip("/") or "/", parts.query)
+            if seen is not None and same != seen:
+                raise ValueError(
+                    f"{where} differs from the first in user, password, vhost or query: every "
+                    "URL of the list must name the same vhost with the same credentials "
+                    "(one URL per node of one cluster)"
+                )
+            seen = same
+        return ",".join(urls)
 
     @field_validator("redis_url")
     @classmethod
@@ -184,7 +218,8 @@ class CourierSettings(BaseSettings):
     def _refuse_placeholder_secrets(self) -> CourierSettings:
         if self.environment != "production":
             return self
-        for name, url in (("amqp_url", self.amqp_url), ("redis_url", self.redis_url)):
+        first_amqp = self.amqp_url.split(",")[0]
+        for name, url in (("amqp_url", first_amqp), ("redis_url", self.redis_url)):
             password = urlsplit(url).password
             if password is not None and unquote(password) in PLACEHOLDER_SECRETS:
                 raise ValueError(
@@ -221,23 +256,46 @@ class CourierSettings(BaseSettings):
         )
 
     @property
+    def amqp_urls(self) -> tuple[str, ...]:
+        """The node URLs of ``amqp_url``, in order."""
+        return tuple(self.amqp_url.split(","))
+
+    @property
     def amqp_vhost(self) -> str:
-        """The vhost named by ``amqp_url`` ('/' when the path is empty)."""
-        path = urlsplit(self.amqp_url).path
+        """The vhost named by ``amqp_url`` ('/' when the path is empty; the same on every node)."""
+        path = urlsplit(self.amqp_urls[0]).path
         return unquote(path[1:]) if len(path) > 1 else "/"
 
     @property
-    def management_url(self) -> str:
-        """Base URL of the management API, with credentials, no trailing slash."""
+    def management_urls(self) -> tuple[str, ...]:
+        """Base URLs of the management API, with credentials, no trailing slash.
+
+        ``amqp_management_url`` when set (a comma-separated list is kept as a list); else one
+        per AMQP node: its host, port 15672, the AMQP URL's credentials.
+        """
         if self.amqp_management_url:
-            return self.amqp_management_url.rstrip("/")
-        parts = urlsplit(self.amqp_url)
-        user = quote(unquote(parts.username or "guest"), safe="")
-        password = quote(unquote(parts.password or "guest"), safe="")
-        scheme = "https" if parts.scheme == "amqps" else "http"
-        host = parts.hostname or "127.0.0.1"
-        host = f"[{host}]" if ":" in host else host
-        return f"{scheme}://{user}:{password}@{host}:15672"
+            return tuple(
+                part.strip().rstrip("/")
+                for part in self.amqp_management_url.split(",")
+                if part.strip()
+            )
+        derived: list[str] = []
+        for url in self.amqp_urls:
+            parts = urlsplit(url)
+            user = quote(unquote(parts.username or "guest"), safe="")
+            password = quote(unquote(parts.password or "guest"), safe="")
+            scheme = "https" if parts.scheme == "amqps" else "http"
+            host = parts.hostname or "127.0.0.1"
+            host = f"[{host}]" if ":" in host else host
+            base = f"{scheme}://{user}:{password}@{host}:15672"
+            if base not in derived:
+                derived.append(base)
+        return tuple(derived)
+
+    @property
+    def management_url(self) -> str:
+        """The management API URLs as one comma-separated value (see ``management_urls``)."""
+        return ",".join(self.management_urls)
 
 
 class ConsumerSettings(CourierSettings):
@@ -294,4 +352,5 @@ class ConsumerSettings(CourierSettings):
             retry=self.retry_policy(),
             delivery_limit=self.delivery_limit,
             max_length=self.work_queue_max_length if capped else None,
+            initial_group_size=self.quorum_initial_group_size,
         )

@@ -27,6 +27,7 @@ from courier_common.messaging import (
     DEAD_LETTERS,
     Ack,
     AmqpConnection,
+    DeadLetterQueue,
     Delivery,
     DeliveryLoop,
     Requeue,
@@ -91,6 +92,7 @@ class ArchiveConsumer:
         archive: Archive,
         metrics: ArchiverMetrics,
         messaging_metrics: MessagingMetrics | None = None,
+        queue: DeadLetterQueue = DEAD_LETTERS,
         prefetch: int = 50,
         tracer: Tracer | None = None,
     ) -> None:
@@ -99,7 +101,7 @@ class ArchiveConsumer:
         self._stopping = asyncio.Event()
         self.loop = DeliveryLoop(
             connection=connection,
-            queue=DEAD_LETTERS,
+            queue=queue,
             handler=self,
             prefetch=prefetch,
             metrics=messaging_metrics,
@@ -108,7 +110,7 @@ class ArchiveConsumer:
 
     @property
     def queue_name(self) -> str:
-        return DEAD_LETTERS.name
+        return self.loop.queue.name
 
     async def start(self) -> None:
         await self.loop.start()

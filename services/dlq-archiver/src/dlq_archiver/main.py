@@ -25,11 +25,13 @@ from courier_common.logging import get_logger
 from courier_common.messaging import (
     AmqpConnection,
     ConsumerRunner,
+    DeadLetterQueue,
     Publisher,
     Topology,
     TopologyMismatchError,
     declare_topology,
 )
+from courier_common.messaging.connection import broker_state
 from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.redis import connect as redis_connect
 from courier_common.tasks import cancel_and_wait, pause
@@ -60,11 +62,14 @@ class Workers:
         self.archive = archive
         self.connection = connection
         erasure = erasure_queue(settings)
-        self.topology = Topology(work_queues=(erasure,))
+        self.topology = Topology(
+            work_queues=(erasure,), initial_group_size=settings.quorum_initial_group_size
+        )
         self.consumer = ArchiveConsumer(
             connection=connection,
             archive=archive,
             metrics=archiver_metrics,
+            queue=DeadLetterQueue(initial_group_size=settings.quorum_initial_group_size),
             prefetch=settings.amqp_prefetch,
         )
         self.eraser = ConsumerRunner(
@@ -98,6 +103,12 @@ class Workers:
             await self.eraser.start()
         except TopologyMismatchError as exc:
             log.critical("topology_mismatch", error=str(exc))
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # never a silently dead start task behind a live /healthz
+            log.critical("worker_start_failed", error=repr(exc), exc_info=exc)
             os.kill(os.getpid(), signal.SIGTERM)
             return
         self.started.set()
@@ -184,13 +195,17 @@ def create_app(settings: Settings) -> FastAPI:
         except Exception as exc:
             log.warning("redis_ping_failed", error=type(exc).__name__)
             redis_ok = False
-        consuming = workers.started.is_set() and workers.connection.is_connected
-        return {
+        connection = workers.connection
+        consuming = workers.started.is_set() and connection.is_connected
+        report: dict[str, Any] = {
             "ready": redis_ok and consuming,
             "redis": "ok" if redis_ok else "down",
-            "broker": "connected" if workers.connection.is_connected else "disconnected",
+            "broker": broker_state(connection),
             "consuming": consuming,
         }
+        if connection.problem:
+            report["broker_problem"] = connection.problem
+        return report
 
     app = FastAPI(
         title="Courier dlq-archiver",

@@ -1,8 +1,11 @@
 """notification-service entry point: the consumer runner plus a small HTTP port for probes.
 
 The worker starts in the lifespan and waits for the broker as long as it takes (``/readyz``
-says so meanwhile). On SIGTERM uvicorn runs the lifespan shutdown: the runner stops taking
-messages, finishes and acks what it holds, and the process exits 0.
+says so meanwhile: 503 with the reason, such as the broker refusing the configured vhost or
+credentials, which is also logged once as critical). On SIGTERM uvicorn runs the lifespan
+shutdown: the runner stops taking messages, finishes and acks what it holds, and the process
+exits 0. A start that fails for any other reason is logged as critical and stops the process
+(never a silently dead start task behind a live ``/healthz``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from courier_common.messaging import (
     declare_topology,
 )
 from courier_common.messaging.backlog import BacklogMonitor, ManagementClient
+from courier_common.messaging.connection import broker_state
 from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.redis import connect as redis_connect
 from notification_service.config import Settings
@@ -58,11 +62,19 @@ class Worker:
     async def start(self, work_queue: WorkQueue) -> None:
         try:
             await self.connection.connect(timeout=None)
-            topology = Topology(work_queues=(work_queue,))
+            topology = Topology(
+                work_queues=(work_queue,), initial_group_size=work_queue.initial_group_size
+            )
             await declare_topology(await self.connection.channel(), topology)
             await self.runner.start()
         except TopologyMismatchError as exc:
             log.critical("topology_mismatch", error=str(exc))
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.critical("worker_start_failed", error=repr(exc), exc_info=exc)
             os.kill(os.getpid(), signal.SIGTERM)
             return
         self.backlog.start()
@@ -135,7 +147,7 @@ def create_app(settings: Settings) -> FastAPI:
                 prefetch=settings.amqp_prefetch,
             ),
             backlog=BacklogMonitor(
-                ManagementClient(settings.management_url),
+                ManagementClient(settings.management_urls),
                 vhost=settings.amqp_vhost,
                 queues=[
                     work_queue.name,
@@ -172,14 +184,18 @@ def create_app(settings: Settings) -> FastAPI:
         except Exception as exc:
             redis_ok = False
             log.warning("redis_ping_failed", error=type(exc).__name__)
-        consuming = worker.started.is_set() and worker.connection.is_connected
-        return {
+        connection = worker.connection
+        consuming = worker.started.is_set() and connection.is_connected
+        report: dict[str, Any] = {
             "ready": redis_ok and consuming,
             "redis": "ok" if redis_ok else "down",
-            "broker": "connected" if worker.connection.is_connected else "disconnected",
+            "broker": broker_state(connection),
             "consuming": consuming,
             "in_flight": worker.runner.in_flight,
         }
+        if connection.problem:
+            report["broker_problem"] = connection.problem
+        return report
 
     app = FastAPI(title="Courier notification-service", version="0.1.0", lifespan=lifespan)
     app.include_router(health_router(readiness=readiness, registry=registry))

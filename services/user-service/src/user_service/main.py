@@ -24,6 +24,7 @@ from courier_common.http import (
 )
 from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, Topology, TopologyMismatchError
+from courier_common.messaging.connection import broker_state
 from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.redis import connect as redis_connect
 from user_service.api import users
@@ -83,7 +84,7 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
             connection=connection,
             # The platform only: user-service publishes and does not know who consumes. An
             # event no consumer's queue is bound for yet is unroutable and waits in the outbox.
-            topology=topology or Topology(),
+            topology=topology or Topology(initial_group_size=settings.quorum_initial_group_size),
             metrics=outbox_metrics,
             messaging_metrics=messaging_metrics,
             batch_size=settings.outbox_batch_size,
@@ -118,13 +119,18 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
             redis_ok = await store.ping()
         except Exception as exc:
             return {"ready": False, "redis": f"error: {type(exc).__name__}"}
-        # The broker is reported, not required: the outbox buffers while it is away.
-        return {
+        # The broker is reported, not required: the outbox buffers while it is away, and also
+        # while the broker refuses the configured vhost or credentials (logged once as
+        # critical; the relay retries until an operator fixes it, and nothing is lost).
+        report: dict[str, Any] = {
             "ready": redis_ok,
             "redis": "ok" if redis_ok else "down",
-            "broker": "connected" if relay.broker_connected else "disconnected",
+            "broker": broker_state(relay.connection),
             "relay": "on" if settings.relay_enabled else "off",
         }
+        if settings.relay_enabled and relay.connection.problem:
+            report["broker_problem"] = relay.connection.problem
+        return report
 
     app = FastAPI(
         title="Courier user-service",

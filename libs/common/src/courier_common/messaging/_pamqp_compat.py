@@ -9,6 +9,12 @@ consumer runner, which dead-letters it with a reason like any other bad message.
 
 `install` swaps pamqp's field-table decoder in the two dispatch tables that hold it. It is
 applied when ``courier_common.messaging`` is imported, and is idempotent.
+
+It also gives ``Connection.Close`` a ``repr`` with the broker's reply. aiormq reports a broker
+that closes the connection in answer to ``Connection.Open`` (an unknown vhost, a user without
+access to it) as ``InvalidFrameError("Expected ... OpenOk, got <repr of the frame>")``, and
+pamqp's default repr (``<Connection.Close object at 0x...>``) dropped the one thing an
+operator needs: ``NOT_ALLOWED - vhost 'x' not found``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from pamqp import common
+from pamqp import commands, common
 from pamqp import decode as _decode
 
 _ORIGINAL: Final = _decode.field_table
@@ -46,11 +52,16 @@ def field_table(value: bytes) -> tuple[int, common.FieldTable]:
         raise ValueError("Could not unpack data") from err
 
 
+def _close_repr(frame: commands.Connection.Close) -> str:
+    return f"<Connection.Close reply_code={frame.reply_code} reply_text={frame.reply_text!r}>"
+
+
 def install() -> None:
-    """Use the tolerant decoder everywhere pamqp looks a field table up."""
+    """Use the tolerant decoder everywhere pamqp looks a field table up; readable closes."""
     _decode.field_table = field_table
     _decode.METHODS["table"] = field_table
     _decode.TABLE_MAPPING[b"F"] = field_table
+    commands.Connection.Close.__repr__ = _close_repr  # type: ignore[method-assign,assignment]
 
 
 install()

@@ -2,6 +2,8 @@
 
 Ready and unacked counts come from the management API (AMQP's passive declare reports only
 ready messages, and unacked ones are backlog too: they are what a dead worker leaves behind).
+Every node of a cluster serves the whole cluster's queue stats, so with several management
+URLs (one per node) the client asks one and moves on to the next only when that one fails.
 """
 
 from __future__ import annotations
@@ -43,18 +45,52 @@ def _split_credentials(url: str) -> tuple[str, httpx.BasicAuth | None]:
 
 
 class ManagementClient:
-    """The few RabbitMQ management API calls Courier needs."""
+    """The few RabbitMQ management API calls Courier needs, from the first node that answers.
 
-    def __init__(self, base_url: str, *, timeout: float = 5.0) -> None:
-        url, auth = _split_credentials(base_url.rstrip("/"))
-        self._client = httpx.AsyncClient(base_url=url, auth=auth, timeout=timeout)
+    *base_urls* is one URL, a comma-separated list or a sequence (one per node). The node that
+    answered last is asked first; a transport error or a 5xx moves on to the next node, and
+    the call fails only when every node failed (with the last node's error).
+    """
+
+    def __init__(self, base_urls: str | Sequence[str], *, timeout: float = 5.0) -> None:
+        parts = base_urls.split(",") if isinstance(base_urls, str) else list(base_urls)
+        urls = [part.strip().rstrip("/") for part in parts if part.strip()]
+        if not urls:
+            raise ValueError("ManagementClient needs at least one management API URL")
+        self._clients: list[httpx.AsyncClient] = []
+        for url in urls:
+            bare, auth = _split_credentials(url)
+            self._clients.append(httpx.AsyncClient(base_url=bare, auth=auth, timeout=timeout))
+        self._current = 0
+
+    @property
+    def base_url(self) -> str:
+        """The node asked first (no credentials)."""
+        return str(self._clients[self._current].base_url)
+
+    async def _get(self, path: str, params: dict[str, str]) -> httpx.Response:
+        error: Exception | None = None
+        for step in range(len(self._clients)):
+            index = (self._current + step) % len(self._clients)
+            try:
+                response = await self._clients[index].get(path, params=params)
+                if response.status_code < 500:
+                    response.raise_for_status()
+                    self._current = index
+                    return response
+                response.raise_for_status()
+            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+                if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code < 500:
+                    raise  # the node answered: 401/404 is the same on every node
+                error = exc
+        assert error is not None
+        raise error
 
     async def queue_depth(self, vhost: str, queue: str) -> QueueDepth:
-        response = await self._client.get(
+        response = await self._get(
             f"/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}",
             params={"columns": "name,messages_ready,messages_unacknowledged,consumers"},
         )
-        response.raise_for_status()
         body = response.json()
         return QueueDepth(
             name=queue,
@@ -64,7 +100,8 @@ class ManagementClient:
         )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        for client in self._clients:
+            await client.aclose()
 
 
 class BacklogMonitor:

@@ -52,6 +52,7 @@ from courier_common.messaging.topology import (
     DEFAULT_EXCHANGE,
     DeadLetterQueue,
     WorkQueue,
+    declare_queue,
 )
 from courier_common.metrics import MessagingMetrics
 from courier_common.tasks import cancel_and_wait
@@ -117,9 +118,9 @@ class DeliveryLoop:
         self._publisher = Publisher(
             await self.connection.channel(), metrics=self.metrics, tracer=self.tracer
         )
-        self._amqp_queue = await channel.declare_queue(
-            self.queue.name, durable=True, arguments=self.queue.arguments()
-        )
+        # Declared (not passive) with the same arguments, so the robust queue can re-declare
+        # it after a reconnect to a broker that lost it, and a mismatch still fails loudly.
+        self._amqp_queue = await declare_queue(channel, self.queue.name, self.queue.arguments())
         self._consumer_tag = await self._amqp_queue.consume(self._on_message)
         log.info("consumer_started", queue=self.queue.name, prefetch=self.prefetch)
 

@@ -10,10 +10,19 @@ the platform: it does not know who consumes.
 Every object is declared idempotently. When a queue already exists with other arguments,
 startup fails with :class:`TopologyMismatchError` naming the argument, instead of the broker's
 channel error surfacing somewhere else later.
+
+Quorum queues are created with ``x-quorum-initial-group-size`` (the setting
+``COURIER_QUORUM_INITIAL_GROUP_SIZE``; RabbitMQ caps it at the cluster's size). The broker
+checks that argument for equivalence on every re-declaration like any other, although it only
+matters at creation: a queue created without it (every deployment before the setting) or with
+another value would fail with PRECONDITION_FAILED and stop the service on upgrade. So
+:func:`declare_queue` adopts the value the existing queue has for that one argument (members
+of an existing queue are managed with ``rabbitmq-queues grow/shrink``, not by re-declaring).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -23,13 +32,18 @@ import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractQueue, AbstractRobustChannel
 
+from courier_common.logging import get_logger
 from courier_common.messaging.retry import RetryPolicy, format_delay
+
+log = get_logger(__name__)
 
 EVENTS_EXCHANGE = "courier.events"
 DEAD_LETTER_EXCHANGE = "courier.dlx"
 DEAD_LETTER_QUEUE = "courier.dead-letters"
 #: The broker's nameless direct exchange: routing key = queue name. Retry hops use it.
 DEFAULT_EXCHANGE = ""
+#: The quorum-queue argument for the number of members a new queue gets.
+INITIAL_GROUP_SIZE = "x-quorum-initial-group-size"
 
 
 class TopologyMismatchError(RuntimeError):
@@ -55,6 +69,8 @@ class WorkQueue:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     delivery_limit: int = 5
     max_length: int | None = None
+    #: Members at creation (``x-quorum-initial-group-size``); None leaves the broker's default.
+    initial_group_size: int | None = None
 
     def retry_queue_name(self, delay: timedelta) -> str:
         return f"{self.name}.retry.{format_delay(delay)}"
@@ -73,11 +89,13 @@ class WorkQueue:
         }
         if self.max_length is not None:
             args["x-max-length"] = self.max_length
+        if self.initial_group_size is not None:
+            args[INITIAL_GROUP_SIZE] = self.initial_group_size
         return args
 
     def retry_arguments(self, delay: timedelta) -> dict[str, Any]:
         """A retry tier: messages wait ``delay`` then dead-letter back to the work queue."""
-        return {
+        args: dict[str, Any] = {
             "x-queue-type": "quorum",
             "x-message-ttl": round(delay.total_seconds() * 1000),
             "x-dead-letter-exchange": DEFAULT_EXCHANGE,
@@ -85,6 +103,9 @@ class WorkQueue:
             "x-dead-letter-strategy": "at-least-once",
             "x-overflow": "reject-publish",
         }
+        if self.initial_group_size is not None:
+            args[INITIAL_GROUP_SIZE] = self.initial_group_size
+        return args
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +117,14 @@ class DeadLetterQueue:
     """
 
     name: str = DEAD_LETTER_QUEUE
+    #: Members at creation (``x-quorum-initial-group-size``); None leaves the broker's default.
+    initial_group_size: int | None = None
 
     def arguments(self) -> dict[str, Any]:
-        return {"x-queue-type": "quorum"}
+        args: dict[str, Any] = {"x-queue-type": "quorum"}
+        if self.initial_group_size is not None:
+            args[INITIAL_GROUP_SIZE] = self.initial_group_size
+        return args
 
 
 #: The platform's dead-letter queue.
@@ -113,6 +139,8 @@ class Topology:
     events_exchange: str = EVENTS_EXCHANGE
     dead_letter_exchange: str = DEAD_LETTER_EXCHANGE
     dead_letter_queue: str = DEAD_LETTER_QUEUE
+    #: ``x-quorum-initial-group-size`` of the dead-letter queue (None: the broker's default).
+    initial_group_size: int | None = None
 
     def work_queue(self, name: str) -> WorkQueue:
         for queue in self.work_queues:
@@ -122,7 +150,7 @@ class Topology:
 
     @property
     def dead_letter_queue_arguments(self) -> dict[str, Any]:
-        return DeadLetterQueue(self.dead_letter_queue).arguments()
+        return DeadLetterQueue(self.dead_letter_queue, self.initial_group_size).arguments()
 
 
 @dataclass(slots=True)
@@ -152,11 +180,60 @@ def _mismatch(exc: aiormq.exceptions.ChannelPreconditionFailed, kind: str, name:
     return TopologyMismatchError(f"{kind} '{name}' exists with other properties: {text}")
 
 
-async def _declare_queue(
+_GROUP_SIZE_CURRENT = re.compile(
+    rf"inequivalent arg '{INITIAL_GROUP_SIZE}' for queue .*? but current is "
+    r"(?:none|the value '(?P<value>\d+)'|'(?P<plain>\d+)')"
+)
+
+
+def _existing_group_size(exc: aiormq.exceptions.ChannelPreconditionFailed) -> int | bool | None:
+    """The existing queue's group size when *exc* is about that argument alone, else False."""
+    found = _GROUP_SIZE_CURRENT.search(str(exc.args[0] if exc.args else exc))
+    if not found:
+        return False
+    value = found["value"] or found["plain"]
+    return int(value) if value else None
+
+
+async def _reopened(channel: AbstractRobustChannel, timeout: float = 15.0) -> None:
+    """Until the robust channel the broker just closed is open again (it reopens by itself)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            await channel.ready()
+            try:
+                if not (await channel.get_underlay_channel()).is_closed:
+                    return
+            except aiormq.exceptions.ChannelInvalidStateError:
+                pass
+            await asyncio.sleep(0.02)
+
+
+async def declare_queue(
     channel: AbstractRobustChannel, name: str, arguments: dict[str, Any]
 ) -> AbstractQueue:
+    """Declare a durable queue; a mismatch raises :class:`TopologyMismatchError`.
+
+    A mismatch in ``x-quorum-initial-group-size`` alone is not one: that argument only acts at
+    creation, so the queue is declared again with the value it already has (see module doc).
+    """
     try:
         return await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        existing = _existing_group_size(exc)
+        if existing is False:
+            raise _mismatch(exc, "queue", name) from exc
+    adopted = {k: v for k, v in arguments.items() if k != INITIAL_GROUP_SIZE}
+    if existing is not None:
+        adopted[INITIAL_GROUP_SIZE] = existing
+    log.info(
+        "quorum_queue_group_size_kept",
+        queue=name,
+        configured=arguments.get(INITIAL_GROUP_SIZE),
+        existing=existing,
+    )
+    await _reopened(channel)
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=adopted)
     except aiormq.exceptions.ChannelPreconditionFailed as exc:
         raise _mismatch(exc, "queue", name) from exc
 
@@ -183,19 +260,19 @@ async def declare_topology(channel: AbstractRobustChannel, topology: Topology) -
     )
     declared.exchanges = {events.name: events, dlx.name: dlx}
 
-    dead = await _declare_queue(
+    dead = await declare_queue(
         channel, topology.dead_letter_queue, topology.dead_letter_queue_arguments
     )
     await dead.bind(dlx, routing_key="#")
     declared.queues[dead.name] = dead
 
     for work in topology.work_queues:
-        queue = await _declare_queue(channel, work.name, work.arguments())
+        queue = await declare_queue(channel, work.name, work.arguments())
         for key in work.binding_keys:
             await queue.bind(events, routing_key=key)
         declared.queues[queue.name] = queue
         for delay in work.retry.delays:
-            tier = await _declare_queue(
+            tier = await declare_queue(
                 channel, work.retry_queue_name(delay), work.retry_arguments(delay)
             )
             declared.queues[tier.name] = tier
