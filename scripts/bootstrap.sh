@@ -555,6 +555,8 @@ ensure_kubectl() {
         die "$message"
     fi
     warn "$message"
+}
+
 # debootstrap: tests/support/rabbitmq4.py builds the RabbitMQ 4 root with it (once, cached in
 # ${XDG_CACHE_HOME:-~/.cache}/courier). Only installed here; the tests build the root.
 ensure_debootstrap() {
