@@ -6,8 +6,8 @@ loop owns everything about AMQP on the way in:
 
 * a channel with ``prefetch`` unacked messages at most, and the queue declared (not passive)
   with its arguments, so the robust channel can re-declare it after a reconnect;
-* a task per message, so up to ``prefetch`` are handled at once and :meth:`stop` can wait for
-  exactly those;
+* a task per message (the one aio-pika runs its callback in), so up to ``prefetch`` are
+  handled at once and :meth:`stop` can wait for exactly those;
 * a ``process <queue>`` span per delivery, continuing the publisher's trace;
 * :meth:`settle`, the one place a delivery is acked, retried, dead-lettered, requeued or
   rejected (see :mod:`courier_common.messaging.settlement`). A handler that raises gets its
@@ -15,6 +15,10 @@ loop owns everything about AMQP on the way in:
   the message. Nothing leaves a delivery unsettled: it would hold a prefetch slot for good;
 * :meth:`stop`: cancel the subscription, let what is in flight finish within a timeout, and
   cancel the rest unacked (the broker redelivers it: late, never lost).
+
+Acks decided in the same turn of the event loop share frames (``acks.py``): one
+``basic.ack(multiple=True)`` covers a run of them when every delivery the channel holds up to
+that tag is ready to ack.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from opentelemetry.trace import Tracer
 
 from courier_common.logging import get_logger
+from courier_common.messaging.acks import AckBatcher
 from courier_common.messaging.connection import AmqpConnection
 from courier_common.messaging.deadletter import (
     FailureKind,
@@ -104,7 +109,9 @@ class DeliveryLoop:
         self._publisher: Publisher | None = None
         self._amqp_queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Acks of one loop turn share frames (a multiple ack where it is safe).
+        self._acks = AckBatcher()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -150,14 +157,22 @@ class DeliveryLoop:
     # --- one delivery ---------------------------------------------------------------------
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._run(message))
+        # aio-pika already runs each delivery's callback in a task of its own: that task is the
+        # delivery's, up to ``prefetch`` run at once, and stop() waits for exactly these.
+        task = asyncio.current_task()
+        assert task is not None
+        if message.delivery_tag is not None:
+            self._acks.delivered(message.channel, message.delivery_tag)
         self._tasks.add(task)
         self._idle.clear()
         if self._in_flight_gauge is not None:
             self._in_flight_gauge.set(len(self._tasks))
-        task.add_done_callback(self._forget)
+        try:
+            await self._run(message)
+        finally:
+            self._forget(task)
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
+    def _forget(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if self._in_flight_gauge is not None:
             self._in_flight_gauge.set(len(self._tasks))
@@ -282,7 +297,8 @@ class DeliveryLoop:
 
     async def _ack(self, message: AbstractIncomingMessage) -> None:
         try:
-            await message.ack()
+            assert message.delivery_tag is not None
+            await self._acks.ack(message.channel, message.delivery_tag)
         except Exception as exc:
             # The channel died with the message unacked: the broker will redeliver it, and
             # idempotency turns the redelivery into a duplicate, not a second effect.
@@ -296,6 +312,9 @@ class DeliveryLoop:
                 await message.reject(requeue=False)
         except Exception as exc:  # the channel died: the broker redelivers it
             log.warning("reject_failed" if not requeue else "requeue_failed", error=repr(exc))
+            return
+        if message.delivery_tag is not None:
+            self._acks.released(message.channel, message.delivery_tag)
 
 
 def _delivery(queue: str, message: AbstractIncomingMessage) -> Delivery:
