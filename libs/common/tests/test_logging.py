@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
 import sys
@@ -44,6 +46,7 @@ def restore_logging() -> Iterator[None]:
     """Put the stdlib and structlog configuration back the way the test found it."""
     root = logging.getLogger()
     root_handlers, root_level = list(root.handlers), root.level
+    structlog_config = structlog.get_config()
     saved = {
         name: (lg.level, lg.propagate, list(lg.handlers))
         for name in _TOUCHED_LOGGERS
@@ -53,6 +56,8 @@ def restore_logging() -> Iterator[None]:
     for handler in list(root.handlers):
         if handler not in root_handlers:
             root.removeHandler(handler)
+            handler.close()
+    root.handlers[:] = root_handlers  # configure_logging replaced the session's handler
     root.setLevel(root_level)
     for name, (level, propagate, handlers) in saved.items():
         lg = logging.getLogger(name)
@@ -60,7 +65,8 @@ def restore_logging() -> Iterator[None]:
         lg.propagate = propagate
         lg.handlers[:] = handlers
     structlog.contextvars.clear_contextvars()
-    structlog.reset_defaults()
+    # Back to what the session had (not structlog's defaults): later test files log through it.
+    structlog.configure(**structlog_config)
 
 
 def json_lines(out: str) -> list[dict[str, Any]]:
@@ -71,6 +77,66 @@ def only_line(capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
     lines = json_lines(capsys.readouterr().out)
     assert len(lines) == 1, lines
     return lines[0]
+
+
+# --- one write per loop turn ------------------------------------------------------------------
+
+
+class CountingStream(io.StringIO):
+    """stdout that counts its writes."""
+
+    writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+async def test_lines_of_one_loop_turn_leave_in_one_write(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = CountingStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    configure_logging(fmt="json")
+    log = get_logger("courier.test")
+
+    for i in range(5):
+        log.info("handled", n=i)
+    assert stream.getvalue() == ""  # still this turn
+    await asyncio.sleep(0)
+    assert [line["n"] for line in json_lines(stream.getvalue())] == [0, 1, 2, 3, 4]
+    assert stream.writes == 1
+
+
+async def test_a_warning_is_written_at_once_after_what_was_pending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stream = CountingStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    configure_logging(fmt="json")
+    log = get_logger("courier.test")
+
+    log.info("first")
+    log.warning("second")
+    assert [line["event"] for line in json_lines(stream.getvalue())] == ["first", "second"]
+
+
+async def test_flush_and_shutdown_write_what_is_pending(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = CountingStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    configure_logging(fmt="json")
+    get_logger("courier.test").info("last words")
+    assert stream.getvalue() == ""
+    logging.shutdown()  # what the interpreter runs at exit
+    assert [line["event"] for line in json_lines(stream.getvalue())] == ["last words"]
+
+
+def test_without_a_running_loop_every_line_is_written_at_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(fmt="json")
+    get_logger("courier.test").info("sync")
+    assert only_line(capsys)["event"] == "sync"
 
 
 # --- trace correlation ------------------------------------------------------------------------

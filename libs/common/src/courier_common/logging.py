@@ -24,12 +24,14 @@ Design choices worth knowing before changing anything here:
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import decimal
 import enum
 import logging
 import re
 import sys
+import traceback
 import uuid
 from collections.abc import Mapping
 from typing import Any, Final, Literal, TextIO
@@ -295,20 +297,87 @@ class _ServiceAdder:
 
 
 class _StdoutHandler(logging.StreamHandler[TextIO]):
-    """Root handler that writes to whatever ``sys.stdout`` is at emit time.
+    """Root handler that writes to whatever ``sys.stdout`` is, one write per event-loop turn.
 
     Binding the stream once would keep writing to a stream that test capture (or anything else
     that swaps stdout) has since replaced. Its class also marks the handler as ours, which is how
     `configure_logging` stays idempotent without touching handlers it did not install.
+
+    Lines logged below WARNING from inside a running event loop are written together at the
+    end of the loop's current turn: a consumer at prefetch 100 logs a line per delivery, and
+    one ``write`` per line was a system call per message (most of a log line's cost when
+    stdout is a pipe or a file). The delay is one turn of the loop; a WARNING or worse, a line
+    from a thread with no running loop, :meth:`flush` (which ``logging.shutdown`` calls at
+    exit) and :meth:`close` write everything pending at once, in order. What a SIGKILL can
+    take is the lines of the turn it interrupts, never a warning.
     """
 
     def __init__(self) -> None:
         super().__init__(sys.stdout)
+        self._pending: list[str] = []
+        self._pending_stream: TextIO | None = None
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        # handle() holds the handler lock around emit(), so swapping the stream here is safe.
-        self.stream = sys.stdout
-        super().emit(record)
+        # handle() holds the handler lock around emit(), so the buffer is ours here.
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        stream = sys.stdout
+        if self._pending and stream is not self._pending_stream:
+            self._write_pending()
+        self._pending.append(line)
+        self._pending_stream = stream
+        if record.levelno >= logging.WARNING or not self._flush_at_end_of_turn():
+            self._write_pending(record)
+
+    def _flush_at_end_of_turn(self) -> bool:
+        """Make sure the running loop writes the pending lines this turn; False: no loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        if self._flush_loop is not loop:
+            self._flush_loop = loop
+            loop.call_soon(self._end_of_turn)
+        return True
+
+    def _end_of_turn(self) -> None:
+        self.acquire()
+        try:
+            self._flush_loop = None
+            self._write_pending()
+        finally:
+            self.release()
+
+    def _write_pending(self, record: logging.LogRecord | None = None) -> None:
+        if not self._pending:
+            return
+        text, self._pending = "".join(self._pending), []
+        stream = self._pending_stream or sys.stdout
+        try:
+            self.stream = stream
+            stream.write(text)
+            stream.flush()
+        except Exception:
+            if record is not None:
+                self.handleError(record)
+            elif logging.raiseExceptions:  # as handleError would, without a record to name
+                traceback.print_exc(file=sys.stderr)
+
+    def flush(self) -> None:
+        # Every write is flushed as it is made: what is left to flush is what is pending.
+        self.acquire()
+        try:
+            self._write_pending()
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.flush()
+        super().close()
 
 
 def _stdout_is_tty() -> bool:
