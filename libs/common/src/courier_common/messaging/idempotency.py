@@ -142,9 +142,7 @@ class IdempotencyStore:
         token = "processing:" + secrets.token_hex(8)
         lease_ms = str(max(1, round(self.lease_seconds * 1000)))
         # SET NX GET (Redis 7): claimed (nil) or what holds it, in one command.
-        current = await self._batch.execute(
-            "SET", key, token, "NX", "PX", lease_ms, "GET", get=True
-        )
+        current = await self._batch.execute("SET", key, token, "NX", "PX", lease_ms, "GET")
         if current is None:
             result = ClaimResult.CLAIMED
         else:
