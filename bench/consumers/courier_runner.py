@@ -20,9 +20,9 @@ import argparse
 import asyncio
 import json
 import sys
-import time
-from collections.abc import Callable, Coroutine, Sequence
-from typing import IO, Any, TypeVar
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -45,24 +45,8 @@ from courier_common.messaging import (
 from courier_common.metrics import MessagingMetrics
 from courier_common.redis import connect as redis_connect
 
-T = TypeVar("T")
-LOOPS = ("uvloop", "asyncio")
-
-
-def run(main: Coroutine[Any, Any, T], loop: str) -> T:
-    """*main* on a new event loop of the kind *loop* names (uvloop or asyncio)."""
-    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    if loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
-
-
-def loop_name() -> str:
-    """``uvloop`` or ``asyncio``: the module of the running loop's class."""
-    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: bench.subject
+from bench.subject import LOOPS, Marks, loop_name, run
 
 
 class DroppingExporter(SpanExporter):
@@ -83,23 +67,13 @@ async def consume(args: argparse.Namespace, results: IO[str]) -> dict[str, float
     queue = WorkQueue(name=args.queue, binding_keys=())
     await declare_topology(await connection.channel(), Topology(work_queues=(queue,)))
 
-    done = asyncio.Event()
-    seen = 0
-    low_mark, high_mark = max(1, args.count // 10), args.count - args.count // 10
-    low_time = high_time = low_cpu = high_cpu = 0.0
+    marks = Marks(args.count)
 
     router = Router()
 
     @router.handles(UserRegistered)
     async def on_registered(event: Event[UserRegistered]) -> None:
-        nonlocal seen, low_time, high_time, low_cpu, high_cpu
-        seen += 1
-        if seen == low_mark:
-            low_time, low_cpu = time.perf_counter(), time.process_time()
-        if seen == high_mark:
-            high_time, high_cpu = time.perf_counter(), time.process_time()
-        if seen >= args.count:
-            done.set()
+        marks.tick()
 
     runner = ConsumerRunner(
         connection=connection,
@@ -114,19 +88,13 @@ async def consume(args: argparse.Namespace, results: IO[str]) -> dict[str, float
     results.write(json.dumps({"ready": True, "loop": loop_name()}) + "\n")
     results.flush()
     try:
-        await asyncio.wait_for(done.wait(), args.timeout)
+        await asyncio.wait_for(marks.done.wait(), args.timeout)
         await runner.stop(timeout=10)
     finally:
         await connection.close()
         await redis.aclose()
         provider.shutdown()
-    seconds = max(high_time - low_time, 1e-9)
-    return {
-        "count": float(seen),
-        "seconds": seconds,
-        "msg_per_s": (high_mark - low_mark) / seconds,
-        "cpu_ms_per_msg": 1000 * (high_cpu - low_cpu) / (high_mark - low_mark),
-    }
+    return marks.result()
 
 
 def main() -> None:

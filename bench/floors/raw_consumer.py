@@ -25,31 +25,14 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from pathlib import Path
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
 from redis.asyncio import BlockingConnectionPool, Redis
 
-T = TypeVar("T")
-LOOPS = ("uvloop", "asyncio")
-
-
-def run(main: Coroutine[Any, Any, T], loop: str) -> T:
-    """*main* on a new event loop of the kind *loop* names (uvloop or asyncio)."""
-    factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop
-    if loop == "uvloop":
-        import uvloop
-
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
-
-
-def loop_name() -> str:
-    """``uvloop`` or ``asyncio``: the module of the running loop's class."""
-    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: bench.subject
+from bench.subject import LOOPS, Marks, loop_name, run
 
 
 def _percentile(values: list[float], pct: float) -> float:
@@ -73,14 +56,10 @@ async def consume(args: argparse.Namespace) -> dict[str, float]:
         queue = await channel.declare_queue(
             args.queue, durable=True, arguments={"x-queue-type": "quorum"}
         )
-    done = asyncio.Event()
-    seen = 0
-    low_mark, high_mark = max(1, args.count // 10), args.count - args.count // 10
-    low_time = high_time = low_cpu = high_cpu = 0.0
+    marks = Marks(args.count)
     latencies: list[float] = []
 
     async def on_message(message: AbstractIncomingMessage) -> None:
-        nonlocal seen, low_time, high_time, low_cpu, high_cpu
         key = f"{args.prefix}floor-claim:{message.message_id}"
         await redis.set(key, "1", nx=True, px=600_000)
         await message.ack()
@@ -88,19 +67,13 @@ async def consume(args: argparse.Namespace) -> dict[str, float]:
             sent_at_us = (message.headers or {}).get("sent_at_us", 0)
             assert isinstance(sent_at_us, int)
             latencies.append(time.time() - sent_at_us / 1e6)
-        seen += 1
-        if seen == low_mark:
-            low_time, low_cpu = time.perf_counter(), time.process_time()
-        if seen == high_mark:
-            high_time, high_cpu = time.perf_counter(), time.process_time()
-        if seen >= args.count:
-            done.set()
+        marks.tick()
 
     await queue.consume(on_message)
     sys.stdout.write(json.dumps({"ready": True, "loop": loop_name()}) + "\n")
     sys.stdout.flush()
     try:
-        await asyncio.wait_for(done.wait(), args.timeout)
+        await asyncio.wait_for(marks.done.wait(), args.timeout)
     finally:
         await connection.close()
         await redis.aclose()
@@ -112,13 +85,7 @@ async def consume(args: argparse.Namespace) -> dict[str, float]:
             "p99_ms": _percentile(millis, 99),
             "max_ms": max(millis),
         }
-    seconds = max(high_time - low_time, 1e-9)
-    return {
-        "count": float(seen),
-        "seconds": seconds,
-        "msg_per_s": (high_mark - low_mark) / seconds,
-        "cpu_ms_per_msg": 1000 * (high_cpu - low_cpu) / (high_mark - low_mark),
-    }
+    return marks.result()
 
 
 def main() -> None:
