@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Literal, Self
+from typing import TYPE_CHECKING, Final, Literal, Protocol, Self, TypeVar
 
 import pytest
 
@@ -1003,49 +1003,65 @@ def _missing_redis() -> list[str]:
     return [] if shutil.which(REDIS_SERVER) else [f"{REDIS_SERVER} on PATH"]
 
 
-@pytest.fixture
-def private_rabbitmq(tmp_path: Path) -> Iterator[PrivateRabbitMQ]:
-    """A started private RabbitMQ node (no management plugin); closed after the test."""
-    missing = _missing_rabbitmq()
+def require(fixture: str, what: str, missing: list[str], install: str) -> None:
+    """Fail *fixture* naming every missing tool: fault tests fail instead of skipping."""
     if missing:
         pytest.fail(
-            "private_rabbitmq: cannot run a private RabbitMQ node, missing: "
-            + ", ".join(missing)
-            + " (install the rabbitmq-server package, or set COURIER_RABBITMQ_SBIN_DIR). "
+            f"{fixture}: cannot run {what}, missing: {', '.join(missing)} ({install}). "
             "Fault tests fail instead of skipping.",
             pytrace=False,
         )
-    node = PrivateRabbitMQ(tmp_path / "rabbitmq")
+
+
+class Startable(Protocol):
+    """A private server, or a group of them: started once, closed (always) afterwards."""
+
+    def start(self) -> object: ...
+
+    def close(self) -> object: ...
+
+
+_Server = TypeVar("_Server", bound=Startable)
+
+
+@contextlib.contextmanager
+def started(fixture: str, server: _Server) -> Iterator[_Server]:
+    """*server* started (a clear failure of *fixture* if it cannot be), closed afterwards."""
     try:
-        node.start()
+        server.start()
     except PrivateServiceError as exc:
-        node.close()
-        pytest.fail(f"private_rabbitmq: could not start: {exc}", pytrace=False)
+        server.close()
+        pytest.fail(f"{fixture}: could not start: {exc}", pytrace=False)
+    except BaseException:
+        server.close()
+        raise
     try:
-        yield node
+        yield server
     finally:
-        node.close()
+        server.close()
+
+
+@pytest.fixture
+def private_rabbitmq(tmp_path: Path) -> Iterator[PrivateRabbitMQ]:
+    """A started private RabbitMQ node (no management plugin); closed after the test."""
+    require(
+        "private_rabbitmq",
+        "a private RabbitMQ node",
+        _missing_rabbitmq(),
+        "install the rabbitmq-server package, or set COURIER_RABBITMQ_SBIN_DIR",
+    )
+    with started("private_rabbitmq", PrivateRabbitMQ(tmp_path / "rabbitmq")) as node:
+        yield node
 
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
     """A started private Redis with ``appendonly=True``; closed after the test."""
-    missing = _missing_redis()
-    if missing:
-        pytest.fail(
-            "private_redis: cannot run a private Redis, missing: "
-            + ", ".join(missing)
-            + " (install redis-server, or set COURIER_REDIS_SERVER). "
-            "Fault tests fail instead of skipping.",
-            pytrace=False,
-        )
-    server = PrivateRedis(tmp_path / "redis", appendonly=True)
-    try:
-        server.start()
-    except PrivateServiceError as exc:
-        server.close()
-        pytest.fail(f"private_redis: could not start: {exc}", pytrace=False)
-    try:
+    require(
+        "private_redis",
+        "a private Redis",
+        _missing_redis(),
+        "install redis-server, or set COURIER_REDIS_SERVER",
+    )
+    with started("private_redis", PrivateRedis(tmp_path / "redis", appendonly=True)) as server:
         yield server
-    finally:
-        server.close()

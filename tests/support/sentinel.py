@@ -46,6 +46,8 @@ from tests.support.private_services import (
     PrivateRabbitMQ,
     PrivateRedis,
     PrivateServiceError,
+    require,
+    started,
 )
 from tests.support.processes import ServiceRunner
 
@@ -404,23 +406,14 @@ class RedisSentinelGroup:
 @pytest.fixture
 def redis_sentinel_group(tmp_path: Path) -> Iterator[RedisSentinelGroup]:
     """A settled primary + replica + three Sentinels; everything stopped after the test."""
-    if shutil.which(REDIS_SERVER) is None:
-        pytest.fail(
-            f"redis_sentinel_group: cannot run a private Redis, missing: {REDIS_SERVER} on PATH"
-            " (install redis-server, or set COURIER_REDIS_SERVER). "
-            "Fault tests fail instead of skipping.",
-            pytrace=False,
-        )
-    group = RedisSentinelGroup(tmp_path / "sentinel-group")
-    try:
-        group.start()
-    except PrivateServiceError as exc:
-        group.close()
-        pytest.fail(f"redis_sentinel_group: could not start: {exc}", pytrace=False)
-    try:
+    require(
+        "redis_sentinel_group",
+        "a private Redis",
+        [] if shutil.which(REDIS_SERVER) else [f"{REDIS_SERVER} on PATH"],
+        "install redis-server, or set COURIER_REDIS_SERVER",
+    )
+    with started("redis_sentinel_group", RedisSentinelGroup(tmp_path / "sentinel-group")) as group:
         yield group
-    finally:
-        group.close()
 
 
 @pytest.fixture
