@@ -8,7 +8,7 @@ UV ?= uv
 PYTEST_ARGS ?=
 export PATH := $(HOME)/.local/bin:$(PATH)
 
-.PHONY: help setup run test test-fast test-images images faults lint fmt manifests dashboards clean bench
+.PHONY: help setup run test test-fast test-images images faults lint fmt manifests asyncapi dashboards clean bench
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-12s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,6 +52,9 @@ fmt: ## Format and auto-fix what ruff can
 
 manifests: ## Render charts/courier into k8s/base (committed; never edit by hand)
 	@$(UV) run --locked python scripts/render_manifests.py
+
+asyncapi: ## Generate the event contract (AsyncAPI 3.0) into docs/asyncapi.yaml (committed)
+	@$(UV) run --locked python scripts/asyncapi.py
 
 dashboards: ## Generate Grafana dashboards into charts/courier/dashboards (committed)
 	@$(UV) run --locked python scripts/dashboards.py

@@ -569,6 +569,25 @@ ensure_debootstrap() {
     say "debootstrap: not installed, installed $(pkg_version debootstrap) with apt (for the RabbitMQ 4 test root)"
 }
 
+# The official AsyncAPI JSON Schemas (npm @asyncapi/specs, pinned in tests/contract/package-lock.json):
+# the tests validate docs/asyncapi.yaml and user-service's /asyncapi.json against them.
+ensure_asyncapi_specs() {
+    local dir=tests/contract schema=tests/contract/node_modules/@asyncapi/specs/schemas/3.0.0-without-\$id.json log
+    if [[ -f $schema && $dir/node_modules/.package-lock.json -nt $dir/package-lock.json ]]; then
+        info "asyncapi: @asyncapi/specs present in $dir/node_modules (validates docs/asyncapi.yaml)"
+        return
+    fi
+    if ! have npm; then
+        apt_install npm "npm" "install Node.js and npm (the tests validate the AsyncAPI document with the npm package @asyncapi/specs), then re-run"
+    fi
+    log=$(tmpfile)
+    if ! npm ci --prefix "$dir" --no-audit --no-fund >"$log" 2>&1; then
+        show_tail "$log"
+        die "asyncapi: npm ci in $dir failed (the npm registry must be reachable once)"
+    fi
+    say "asyncapi: installed @asyncapi/specs $(node -p "require('./$dir/node_modules/@asyncapi/specs/package.json').version" 2>/dev/null) in $dir/node_modules with npm ci (the AsyncAPI 3.0 schema the tests validate against)"
+}
+
 # ---------------------------------------------------------------------------------------------
 # main
 
@@ -601,6 +620,7 @@ main() {
         ensure_prometheus
         ensure_kubectl
         ensure_debootstrap
+        ensure_asyncapi_specs
     fi
     info "ready ($(elapsed "$t0"))"
 }

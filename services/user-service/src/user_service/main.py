@@ -27,7 +27,7 @@ from courier_common.messaging import AmqpConnection, Topology, TopologyMismatchE
 from courier_common.messaging.connection import broker_state
 from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.redis import connect as redis_connect
-from user_service.api import users
+from user_service.api import contract, users
 from user_service.config import Settings
 from user_service.outbox import OutboxMetrics, OutboxRelay
 from user_service.store import UserStore
@@ -140,6 +140,7 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
     )
     install_problem_handlers(app)
     app.include_router(users.router)
+    app.include_router(contract.router)
     app.include_router(health_router(readiness=readiness, registry=registry))
     # No span per ASGI receive/send message: they are noise in the trace and cost two spans
     # per request on the hot path.
