@@ -1,7 +1,7 @@
 """The settings every Courier service shares.
 
-Configuration is environment only, prefix ``COURIER_`` (see the run contract in
-ARCHITECTURE.md). Each service subclasses :class:`CourierSettings`, builds it once in its
+Configuration is environment only, prefix ``COURIER_`` (see the README's "Configuration";
+docs/architecture.md). Each service subclasses :class:`CourierSettings`, builds it once in its
 entry point and passes it down: there is no module-level settings object, so tests build
 their own.
 """

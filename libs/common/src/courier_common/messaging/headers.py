@@ -1,4 +1,4 @@
-"""Courier's AMQP header names (ARCHITECTURE.md, "The message"), defined once.
+"""Courier's AMQP header names (docs/asyncapi.yaml lists them per message), defined once.
 
 They are written and read in one module, :mod:`courier_common.messaging.deadletter`: the
 diagnosis of a dead letter, the headers of a retry hop and of a replay.
