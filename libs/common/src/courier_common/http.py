@@ -27,7 +27,7 @@ What is here, and why each piece is shaped the way it is:
 
 Typical wiring (the order of ``add_middleware`` calls matters: the last one added is outermost)::
 
-    app = FastAPI(lifespan=lifespan)
+    app = FastAPI(lifespan=lifespan, telemetry=NO_NATIVE_TELEMETRY)
     install_problem_handlers(app)
     app.include_router(health_router(readiness=check_dependencies, registry=registry))
     app.include_router(users_router)
@@ -52,6 +52,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -76,6 +77,7 @@ from courier_common.tracing import init_tracing, shutdown_tracing
 __all__ = [
     "GRACEFUL_SHUTDOWN_SECONDS",
     "HTTP_BUCKETS",
+    "NO_NATIVE_TELEMETRY",
     "PROBE_PATHS",
     "PROBLEM_JSON",
     "READINESS_TIMEOUT_SECONDS",
@@ -90,6 +92,21 @@ __all__ = [
     "problem_response",
     "serve",
 ]
+
+
+#: ``FastAPI(telemetry=...)`` for every Courier app: FastAPI's own OpenTelemetry (on by default
+#: since 0.16x whenever a tracer provider is set) switched off. Courier's HTTP spans come from
+#: the OpenTelemetry ASGI instrumentation (``FastAPIInstrumentor``, with its excluded probe
+#: URLs): with both, every request also paid FastAPI's telemetry wrapper, a service without
+#: the instrumentation (notification-service) traced every ``/metrics`` scrape, and its
+#: ``logs`` would send validation failures with their messages — the submitted values — to
+#: any OpenTelemetry logger provider an environment configures.
+NO_NATIVE_TELEMETRY: Final[TelemetryConfig] = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+}
 
 #: The media type of every error body (RFC 9457).
 PROBLEM_JSON: Final = "application/problem+json"

@@ -14,6 +14,7 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from courier_common.events import USER_EVENTS
 from courier_common.http import (
+    NO_NATIVE_TELEMETRY,
     BodySizeLimitMiddleware,
     HttpMetrics,
     HttpMetricsMiddleware,
@@ -212,6 +213,7 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         description="Every dead letter with its diagnosis: list, group, replay, purge.",
         lifespan=lifespan,
+        telemetry=NO_NATIVE_TELEMETRY,
     )
     install_problem_handlers(app)
     app.include_router(dead_letters.router)

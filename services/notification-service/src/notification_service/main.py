@@ -24,7 +24,13 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from courier_common.events import USER_EVENTS
-from courier_common.http import HttpMetrics, HttpMetricsMiddleware, health_router, run_service
+from courier_common.http import (
+    NO_NATIVE_TELEMETRY,
+    HttpMetrics,
+    HttpMetricsMiddleware,
+    health_router,
+    run_service,
+)
 from courier_common.logging import get_logger
 from courier_common.messaging import (
     DEAD_LETTER_QUEUE,
@@ -197,7 +203,12 @@ def create_app(settings: Settings) -> FastAPI:
             report["broker_problem"] = connection.problem
         return report
 
-    app = FastAPI(title="Courier notification-service", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(
+        title="Courier notification-service",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry=NO_NATIVE_TELEMETRY,
+    )
     app.include_router(health_router(readiness=readiness, registry=registry))
     app.add_middleware(HttpMetricsMiddleware, metrics=http_metrics)
     return app

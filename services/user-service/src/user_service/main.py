@@ -15,6 +15,7 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 
 from courier_common.events import USER_EVENTS
 from courier_common.http import (
+    NO_NATIVE_TELEMETRY,
     BodySizeLimitMiddleware,
     HttpMetrics,
     HttpMetricsMiddleware,
@@ -137,6 +138,7 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
         version="0.1.0",
         description="Register users; their events leave through a transactional outbox.",
         lifespan=lifespan,
+        telemetry=NO_NATIVE_TELEMETRY,
     )
     install_problem_handlers(app)
     app.include_router(users.router)
