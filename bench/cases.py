@@ -29,6 +29,7 @@ from bench.harness import (
     RssSampler,
     Service,
     SmtpSinkProc,
+    declare_courier_topology,
     free_port,
     preload_events,
     preload_raw,
@@ -205,6 +206,9 @@ def case_register(ctx: Context) -> None:
     users: Service | None = None
     with running(floor):
         floor.start().wait_http(f"{floor_url}/readyz")
+        # notification-service's work queue, as it declares it at start: user-service declares
+        # only the platform, and its events must have a queue to go to (no consumer runs here).
+        declare_courier_topology(ctx.backing)
         users = start_service(
             "user-service",
             ctx.backing,
