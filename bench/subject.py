@@ -7,6 +7,7 @@ import this module by the repository's path, so that the three measure alike.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
@@ -30,6 +31,20 @@ def run(main: Coroutine[Any, Any, T], loop: str) -> T:
 def loop_name() -> str:
     """``uvloop`` or ``asyncio``: the module of the running loop's class."""
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def arguments(description: str | None) -> argparse.ArgumentParser:
+    """The command line every subject takes (where, what, how many, which loop)."""
+    parser = argparse.ArgumentParser(description=(description or "").splitlines()[0])
+    parser.add_argument("--amqp-url", required=True)
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--prefix", required=True)
+    parser.add_argument("--queue", required=True)
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--prefetch", type=int, default=100)
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop")
+    return parser
 
 
 class Marks:

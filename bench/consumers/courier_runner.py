@@ -46,7 +46,7 @@ from courier_common.metrics import MessagingMetrics
 from courier_common.redis import connect as redis_connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: bench.subject
-from bench.subject import LOOPS, Marks, loop_name, run
+from bench.subject import Marks, arguments, loop_name, run
 
 
 class DroppingExporter(SpanExporter):
@@ -98,16 +98,8 @@ async def consume(args: argparse.Namespace, results: IO[str]) -> dict[str, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--amqp-url", required=True)
-    parser.add_argument("--redis-url", required=True)
-    parser.add_argument("--prefix", required=True)
-    parser.add_argument("--queue", required=True)
-    parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--prefetch", type=int, default=100)
-    parser.add_argument("--timeout", type=float, default=300)
+    parser = arguments(__doc__)
     parser.add_argument("--log-file", required=True, help="where the JSON log lines go")
-    parser.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop")
     args = parser.parse_args()
     results = sys.stdout
     # Courier logs to whatever sys.stdout is; the result lines keep the real one.

@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from redis.asyncio import BlockingConnectionPool, Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: bench.subject
-from bench.subject import LOOPS, Marks, loop_name, run
+from bench.subject import Marks, arguments, loop_name, run
 
 
 class UserRegistered(BaseModel):
@@ -82,16 +82,8 @@ async def consume(args: argparse.Namespace, results: IO[str]) -> dict[str, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--amqp-url", required=True)
-    parser.add_argument("--redis-url", required=True)
-    parser.add_argument("--prefix", required=True)
-    parser.add_argument("--queue", required=True)
-    parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--prefetch", type=int, default=100)
-    parser.add_argument("--timeout", type=float, default=300)
+    parser = arguments(__doc__)
     parser.add_argument("--log-file", required=True, help="where FastStream's log lines go")
-    parser.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop")
     args = parser.parse_args()
     results = sys.stdout
     sys.stdout = open(args.log_file, "a", buffering=1)  # noqa: SIM115  # lives as long as we do

@@ -32,7 +32,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from redis.asyncio import BlockingConnectionPool, Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository: bench.subject
-from bench.subject import LOOPS, Marks, loop_name, run
+from bench.subject import Marks, arguments, loop_name, run
 
 
 def _percentile(values: list[float], pct: float) -> float:
@@ -89,16 +89,8 @@ async def consume(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--amqp-url", required=True)
-    parser.add_argument("--redis-url", required=True)
-    parser.add_argument("--prefix", required=True)
-    parser.add_argument("--queue", required=True)
-    parser.add_argument("--count", type=int, required=True)
-    parser.add_argument("--prefetch", type=int, default=100)
+    parser = arguments(__doc__)
     parser.add_argument("--latency", action="store_true")
-    parser.add_argument("--timeout", type=float, default=300)
-    parser.add_argument("--loop", choices=LOOPS, default="uvloop", help="event loop")
     parser.add_argument("--passive", action="store_true", help="the queue exists: no declare")
     args = parser.parse_args()
     result = run(consume(args), args.loop)

@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Final, Literal, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Final, Literal, Self, TypeVar
 
 import pytest
 
@@ -346,7 +346,33 @@ def _close_live_servers() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-class _PrivateServer:
+class Lifecycle:
+    """``with server:`` starts it (closing what started if that fails) and closes it after."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class _PrivateServer(Lifecycle):
     """Process bookkeeping shared by both servers. ``_proc`` is the Popen'd launcher."""
 
     _label: str = "server"
@@ -544,22 +570,6 @@ class _PrivateServer:
         finally:
             self._closed = True
             _live_servers.discard(self)
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1013,15 +1023,7 @@ def require(fixture: str, what: str, missing: list[str], install: str) -> None:
         )
 
 
-class Startable(Protocol):
-    """A private server, or a group of them: started once, closed (always) afterwards."""
-
-    def start(self) -> object: ...
-
-    def close(self) -> object: ...
-
-
-_Server = TypeVar("_Server", bound=Startable)
+_Server = TypeVar("_Server", bound=Lifecycle)
 
 
 @contextlib.contextmanager

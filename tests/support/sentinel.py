@@ -28,8 +28,6 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import httpx
 import pytest
@@ -43,6 +41,7 @@ from tests.support.chain import start_chain
 from tests.support.faults import FaultStack
 from tests.support.private_services import (
     REDIS_SERVER,
+    Lifecycle,
     PrivateRabbitMQ,
     PrivateRedis,
     PrivateServiceError,
@@ -215,7 +214,7 @@ class RedisSentinel(PrivateRedis):
         return int(address[1]) if isinstance(address, tuple | list) else None
 
 
-class RedisSentinelGroup:
+class RedisSentinelGroup(Lifecycle):
     """A primary, one replica and three Sentinels (quorum 2), private and on loopback."""
 
     def __init__(
@@ -264,22 +263,6 @@ class RedisSentinelGroup:
         for server in [*self.sentinels, *self.nodes]:
             with contextlib.suppress(Exception):
                 server.close()
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # --- what the Sentinels say -----------------------------------------------------------------
 
