@@ -65,9 +65,24 @@ async def test_declares_every_name_of_the_contract(
     }
 
 
-async def test_declaring_twice_is_harmless(connection: AmqpConnection) -> None:
+async def test_declaring_twice_is_harmless(
+    connection: AmqpConnection, broker_admin: BrokerAdmin, vhost: BrokerVhost
+) -> None:
+    def snapshot() -> tuple[object, ...]:
+        queues = broker_admin.client.get(f"/api/queues/{vhost.name}").json()
+        bindings = broker_admin.client.get(f"/api/bindings/{vhost.name}").json()
+        return (
+            sorted((q["name"], sorted(q["arguments"].items())) for q in queues),
+            sorted((b["source"], b["destination"], b["routing_key"]) for b in bindings),
+        )
+
     await declare_topology(await connection.channel(), TOPOLOGY)
-    await declare_topology(await connection.channel(), TOPOLOGY)
+    first = snapshot()
+    channel = await connection.channel()
+    await declare_topology(channel, TOPOLOGY)
+    assert not channel.is_closed  # no PRECONDITION_FAILED
+    assert snapshot() == first
+    assert first[0]  # it did declare something
 
 
 async def test_existing_queue_with_other_arguments_fails_startup_clearly(

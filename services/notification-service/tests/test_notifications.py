@@ -153,8 +153,19 @@ async def test_a_deleted_user_gets_no_late_welcome(
     user = await stack.register("ada@example.com", channels=["sms"], phone="+14155552671")
     await eventually(lambda: len(http_sink.requests) == 1, what="the first SMS attempt")
     assert (await stack.users.delete(f"/v1/users/{user['id']}")).status_code == 204
-    await asyncio.sleep(2.5)  # the retry comes back after the user was erased
+
+    async def retry_handled() -> bool:  # the retry came back after the erasure, and was acked
+        acked = await stack.metric(
+            "courier_messages_consumed_total",
+            queue=USER_EVENTS_QUEUE,
+            event_type="user.registered",
+            outcome="acked",
+        )
+        return acked == 1
+
+    await eventually(retry_handled, timeout=20, what="the retry of the welcome")
     assert http_sink.deliveries == []
+    assert len(http_sink.requests) == 1  # the retry did not even try the provider
 
 
 async def test_readiness_and_backlog_metrics(stack: Stack, amqp_url: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import httpx
@@ -45,15 +44,19 @@ async def test_patch_emits_user_updated_with_previous_channels(
 
     same = await client.patch(f"/v1/users/{user['id']}", json={"locale": "zh-CN"})
     assert same.json() == updated  # no change, no event
+    # A real change after it: the outbox keeps one user's events in order, so an event of the
+    # no-op PATCH would arrive before this one's.
+    renamed = await client.patch(f"/v1/users/{user['id']}", json={"display_name": "Ada L"})
+    assert renamed.status_code == 200, renamed.text
 
-    await event_tap.collect(2)
-    await asyncio.sleep(0.3)
+    await event_tap.collect(3)
     events = event_tap.bodies()
-    assert [e["type"] for e in events] == ["user.registered", "user.updated"]
+    assert [e["type"] for e in events] == ["user.registered", "user.updated", "user.updated"]
     data = events[1]["data"]
     assert data["previous_channels"] == ["email"]
     assert data["channels"] == ["email", "push"]
     assert sorted(data["changed"]) == ["channels", "locale", "push_token"]
+    assert events[2]["data"]["changed"] == ["display_name"]
 
 
 async def test_patch_refuses_an_inconsistent_result(client: httpx.AsyncClient) -> None:
