@@ -231,8 +231,16 @@ def test_bad_http_input_is_refused_unechoed_and_malformed_trace_context_ignored(
     a_malformed_traceparent_is_ignored_and_the_request_served(chain, subtests)
 
 
+def _stored(client: httpx.Client, email: str) -> bool:
+    """Whether user-service holds a user with *email* (the ledger's source of truth)."""
+    found = client.get("/v1/users", params={"email": email})
+    assert found.status_code == 200, found.text
+    return bool(found.json()["items"])
+
+
 def bad_requests_get_a_4xx_that_never_echoes_them(chain: Chain, subtests: Any) -> None:
     refused = accepted = 0
+    answered: dict[str, bool] = {}  # email registered through a raw request -> answered 2xx
     for case in cases():
         with subtests.test(msg=f"{case.service}: {case.name}"):
             response = send(chain, case)
@@ -260,19 +268,25 @@ def bad_requests_get_a_4xx_that_never_echoes_them(chain: Chain, subtests: Any) -
                 assert MARKER not in answer.text
                 refused += answer.status >= 400
                 accepted += answer.status < 400
+                if service == "user-service":
+                    answered[email] = answer.status < 400
 
-    # Still serving, and every refused request left nothing behind.
+    # Still serving; every accepted registration is stored, every refused one left nothing.
     with httpx.Client(base_url=chain.url("user-service"), timeout=30) as client:
         created = client.post("/v1/users", json=user_payload(email="after@example.com"))
         assert created.status_code == 201, created.text
-        assert client.get("/v1/users", params={"email": "idem@example.com"}).json()["items"] == []
+        refused_emails = [email for email, ok in answered.items() if not ok]
+        refused_emails += [user_payload()["email"], "idem@example.com"]  # the bodies of cases()
+        lost = sum(not _stored(client, email) for email, ok in answered.items() if ok)
+        unexpected = sum(_stored(client, email) for email in refused_emails)
     add_report_row(
         scenario="B2 bad input over HTTP (4xx, never echoed)",
         accepted=accepted,
         refused=refused,
-        lost=0,
-        unexpected=0,
+        lost=lost,
+        unexpected=unexpected,
     )
+    assert (lost, unexpected) == (0, 0)
 
 
 #: Malformed per W3C Trace Context §3.2: each must be ignored, never refused.
@@ -288,23 +302,26 @@ MALFORMED_TRACEPARENTS = {
 
 
 def a_malformed_traceparent_is_ignored_and_the_request_served(chain: Chain, subtests: Any) -> None:
-    accepted = 0
+    accepted: list[str] = []
     with httpx.Client(base_url=chain.url("user-service"), timeout=30) as client:
         for name, traceparent in MALFORMED_TRACEPARENTS.items():
             with subtests.test(msg=name):
+                email = f"trace-{time.monotonic_ns()}@example.com"
                 response = client.post(
                     "/v1/users",
-                    json=user_payload(email=f"trace-{time.monotonic_ns()}@example.com"),
+                    json=user_payload(email=email),
                     headers={"traceparent": traceparent, "tracestate": f"courier={MARKER}"},
                 )
                 assert response.status_code == 201, response.text
                 assert MARKER not in response.text
                 assert all(MARKER not in value for value in response.headers.values())
-                accepted += 1
+                accepted.append(email)
+        lost = sum(not _stored(client, email) for email in accepted)
     add_report_row(
         scenario="B2 malformed traceparent (ignored per W3C, 201)",
-        accepted=accepted,
-        refused=len(MALFORMED_TRACEPARENTS) - accepted,
-        lost=0,
-        unexpected=0,
+        accepted=len(accepted),
+        refused=len(MALFORMED_TRACEPARENTS) - len(accepted),
+        lost=lost,
+        unexpected=0,  # every request here was meant to be accepted
     )
+    assert lost == 0
