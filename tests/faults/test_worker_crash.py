@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import secrets
 import threading
 import time
 
@@ -26,9 +28,14 @@ def test_worker_killed_at_random_during_load(fault_stack: FaultStack) -> None:
             ledger.register(fault_stack.users, channels=("email", "sms"))
         done.set()
 
+    # Somewhere inside the burst, from a seed that is printed (shown when the test fails) and
+    # that COURIER_FAULT_SEED replays.
+    seed = int(os.environ.get("COURIER_FAULT_SEED") or secrets.randbits(32))
+    delay = random.Random(seed).uniform(0.5, 2.0)
+    print(f"F1 random kill after {delay:.3f} s (COURIER_FAULT_SEED={seed} replays it)")
     loader = threading.Thread(target=load)
     loader.start()
-    time.sleep(random.uniform(0.5, 2.0))  # somewhere inside the burst
+    time.sleep(delay)
     worker.kill()
     restarted_at = time.monotonic()
     worker.start()
