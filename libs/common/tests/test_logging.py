@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -92,43 +93,46 @@ class CountingStream(io.StringIO):
         return super().write(text)
 
 
-async def test_lines_of_one_loop_turn_leave_in_one_write(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def counting_stdout(monkeypatch: pytest.MonkeyPatch) -> CountingStream:
+    """A stdout that counts its writes, with Courier's logging configured onto it (set in the
+    test itself: pytest's capture replaces sys.stdout between a fixture and its test)."""
     stream = CountingStream()
     monkeypatch.setattr(sys, "stdout", stream)
     configure_logging(fmt="json")
-    log = get_logger("courier.test")
+    return stream
 
+
+async def test_lines_of_one_loop_turn_leave_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    stdout = counting_stdout(monkeypatch)
+    log = get_logger("courier.test")
     for i in range(5):
         log.info("handled", n=i)
-    assert stream.getvalue() == ""  # still this turn
+    assert stdout.getvalue() == ""  # still this turn
     await asyncio.sleep(0)
-    assert [line["n"] for line in json_lines(stream.getvalue())] == [0, 1, 2, 3, 4]
-    assert stream.writes == 1
+    assert [line["n"] for line in json_lines(stdout.getvalue())] == [0, 1, 2, 3, 4]
+    assert stdout.writes == 1
 
 
 async def test_a_warning_is_written_at_once_after_what_was_pending(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    stream = CountingStream()
-    monkeypatch.setattr(sys, "stdout", stream)
-    configure_logging(fmt="json")
+    stdout = counting_stdout(monkeypatch)
     log = get_logger("courier.test")
-
     log.info("first")
     log.warning("second")
-    assert [line["event"] for line in json_lines(stream.getvalue())] == ["first", "second"]
+    assert [line["event"] for line in json_lines(stdout.getvalue())] == ["first", "second"]
 
 
-async def test_flush_and_shutdown_write_what_is_pending(monkeypatch: pytest.MonkeyPatch) -> None:
-    stream = CountingStream()
-    monkeypatch.setattr(sys, "stdout", stream)
-    configure_logging(fmt="json")
+async def test_shutdown_writes_what_is_pending(monkeypatch: pytest.MonkeyPatch) -> None:
+    stdout = counting_stdout(monkeypatch)
     get_logger("courier.test").info("last words")
-    assert stream.getvalue() == ""
-    logging.shutdown()  # what the interpreter runs at exit
-    assert [line["event"] for line in json_lines(stream.getvalue())] == ["last words"]
+    assert stdout.getvalue() == ""
+    ours = [
+        weakref.ref(h) for h in logging.getLogger().handlers if getattr(h, "stream", None) is stdout
+    ]
+    assert len(ours) == 1
+    logging.shutdown(ours)  # what the interpreter runs at exit, for our handler alone
+    assert [line["event"] for line in json_lines(stdout.getvalue())] == ["last words"]
 
 
 def test_without_a_running_loop_every_line_is_written_at_once(
