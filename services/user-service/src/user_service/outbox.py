@@ -33,7 +33,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
 
 from courier_common.logging import get_logger
-from courier_common.messaging import AmqpConnection, OutgoingMessage, Publisher, Topology
+from courier_common.messaging import (
+    AmqpConnection,
+    OutgoingMessage,
+    Publisher,
+    PublishNackedError,
+    Topology,
+)
 from courier_common.messaging.topology import declare_topology
 from courier_common.metrics import MessagingMetrics
 from courier_common.redis import Durability
@@ -124,6 +130,8 @@ class OutboxRelay:
         self.retry_max_seconds = retry_max_seconds
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.durability = durability or Durability()
+        #: Seconds to wait for the broker's confirm of one batch.
+        self.confirm_timeout = 10.0
         self._stopping = asyncio.Event()
         self._publisher: Publisher | None = None
         self._retry_at = 0.0
@@ -150,7 +158,9 @@ class OutboxRelay:
         channel = await self.connection.channel()
         await declare_topology(channel, self.topology)
         self._publisher = Publisher(
-            await self.connection.channel(), metrics=self.messaging_metrics, confirm_timeout=10
+            await self.connection.channel(),
+            metrics=self.messaging_metrics,
+            confirm_timeout=self.confirm_timeout,
         )
         log.info("outbox_relay_started", consumer=self.consumer, stream=self.stream)
         while not self._stopping.is_set():
@@ -272,6 +282,8 @@ class OutboxRelay:
                 retry_in_s=round(self._backoff, 2),
             )
             if not confirmed:
+                if any(isinstance(error, PublishNackedError) for _, error in failed):
+                    await self._renew_publisher()
                 # Nothing gets through (the broker is down): wait instead of spinning on
                 # new entries that would fail the same way.
                 await self._sleep(self._backoff)
@@ -279,6 +291,30 @@ class OutboxRelay:
             self._backoff = 0.0
             self._retry_at = 0.0
         return len(confirmed)
+
+    async def _renew_publisher(self) -> None:
+        """Publish on a fresh channel after the broker refused a whole batch.
+
+        A refusal can be a full queue, which a new channel does not change, or a channel that
+        first published to a quorum queue while the queue had no leader (a node died and the
+        election was still running): seen in C1, such a channel kept refusing every publish
+        for minutes after the new leader was up, while a new channel publishes at once
+        (rabbitmq-server#15333 describes the channel's stuck enqueuer). Opening one costs a
+        round trip, on this failure path only.
+        """
+        old = self._publisher
+        try:
+            channel = await self.connection.channel()
+        except Exception as exc:  # the broker is away: the robust connection brings it back
+            log.warning("outbox_channel_renew_failed", error=repr(exc))
+            return
+        self._publisher = Publisher(
+            channel, metrics=self.messaging_metrics, confirm_timeout=self.confirm_timeout
+        )
+        log.info("outbox_channel_renewed")
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.channel.close()
 
     async def update_gauges(self) -> None:
         backlog = await self.redis.xlen(self.stream)
