@@ -32,6 +32,7 @@ from courier_sinks.smtp import SmtpSink
 from tests.support.chain import start_chain
 from tests.support.faults import FaultStack
 from tests.support.private_services import (
+    Lifecycle,
     PrivateEpmd,
     PrivateRabbitMQ,
     PrivateRedis,
@@ -43,7 +44,7 @@ from tests.support.processes import ServiceRunner
 __all__ = ["RabbitCluster", "cluster_stack", "rabbit_cluster"]
 
 
-class RabbitCluster:
+class RabbitCluster(Lifecycle):
     """*size* private nodes joined into one cluster (``close()`` stops every one of them)."""
 
     def __init__(self, base_dir: Path, *, size: int = 3) -> None:
@@ -84,17 +85,6 @@ class RabbitCluster:
             with contextlib.suppress(Exception):
                 node.close()
         self.epmd.close()
-
-    def __enter__(self) -> RabbitCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
     # --- addresses ------------------------------------------------------------------------------
 
