@@ -36,7 +36,7 @@ async def test_backlog_reports_ready_and_unacked(
         metrics=metrics,
         interval=0.5,
     )
-    monitor.start()
+    await monitor.start()
 
     def gauge(state: str) -> float:
         value: float = metrics.queue_messages.labels(WORK.name, state)._value.get()
@@ -67,7 +67,7 @@ async def test_an_unreachable_management_api_is_reported_not_raised(
         metrics=metrics,
         interval=0.05,
     )
-    monitor.start()
+    await monitor.start()
     await asyncio.sleep(0.3)
     assert monitor._task is not None
     assert not monitor._task.done()

@@ -114,3 +114,20 @@ def test_the_initial_group_size_goes_to_every_quorum_queue() -> None:
     assert CourierSettings().quorum_initial_group_size == 3
     with pytest.raises(ValidationError, match="greater than or equal to 1"):
         CourierSettings(quorum_initial_group_size=0)
+
+
+@pytest.mark.parametrize(
+    ("delays", "message"),
+    [
+        ([30.0, 5.0], "retry delays must be strictly increasing"),
+        ([5.0, 5.0], "retry delays must be strictly increasing"),
+        ([0.0, 5.0], "retry delays must be positive"),
+    ],
+)
+def test_a_bad_retry_policy_is_refused_by_the_policy_itself(
+    delays: list[float], message: str
+) -> None:
+    """The settings ask RetryPolicy, so a service's environment and the library agree."""
+    with pytest.raises(ValidationError, match=f"COURIER_RETRY_DELAYS_SECONDS.*{message}"):
+        ConsumerSettings(retry_delays_seconds=delays)
+    assert ConsumerSettings(retry_delays_seconds=[1.0, 2.0]).retry_policy().delays[1].seconds == 2

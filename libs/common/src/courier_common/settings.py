@@ -325,12 +325,15 @@ class ConsumerSettings(CourierSettings):
         "the events), never dropped.",
     )
 
-    @field_validator("retry_delays_seconds")
-    @classmethod
-    def _check_delays(cls, value: list[float]) -> list[float]:
-        if any(d <= 0 for d in value) or value != sorted(set(value)):
-            raise ValueError("retry delays must be positive and strictly increasing")
-        return value
+    @model_validator(mode="after")
+    def _check_retry_policy(self) -> ConsumerSettings:
+        try:
+            self.retry_policy()  # the policy validates itself; settings add only the names
+        except ValueError as exc:
+            raise ValueError(
+                f"COURIER_RETRY_DELAYS_SECONDS / COURIER_RETRY_MAX_ATTEMPTS: {exc}"
+            ) from None
+        return self
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(

@@ -21,6 +21,7 @@ import redis.exceptions
 from opentelemetry.trace import Span, Tracer, get_current_span
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from courier_common.backoff import Backoff
 from courier_common.failpoints import failpoint
 from courier_common.logging import get_logger
 from courier_common.messaging import (
@@ -133,7 +134,7 @@ class ArchiveConsumer:
     async def handle(self, delivery: Delivery) -> Settlement:
         span = get_current_span()
         record = from_delivery(delivery, record_id=str(new_event_id()), now=datetime.now(UTC))
-        delay = 0.2
+        backoff = Backoff(initial=0.2, maximum=5.0)
         while True:
             try:
                 existing = await self.archive.insert(record)
@@ -149,9 +150,9 @@ class ArchiveConsumer:
                         error=repr(exc),
                     )
                     return Requeue(f"the archive is unavailable: {exc!r}")
+                delay = backoff.next()
                 log.warning("archive_store_failed", error=repr(exc), retry_in_s=delay)
                 await pause(self._stopping, delay)
-                delay = min(delay * 2, 5.0)
         await self._record(record, existing, span)
         failpoint("archiver.before_ack")
         return Ack(duplicate=existing is not None)

@@ -37,6 +37,7 @@ from courier_common.logging import get_logger
 from courier_common.messaging import (
     DEAD_LETTER_QUEUE,
     DEFAULT_EXCHANGE,
+    AmqpConnection,
     Diagnosis,
     OutgoingMessage,
     Publisher,
@@ -45,6 +46,7 @@ from courier_common.messaging import (
     new_event_id,
     replay_headers,
 )
+from courier_common.metrics import MessagingMetrics
 from courier_common.tasks import cancel_and_wait, pause
 from courier_common.tracing import get_tracer, link_from_headers, operation_span
 from dlq_archiver.archiving import RECORD_ID_ATTRIBUTE, ArchiverMetrics
@@ -84,16 +86,30 @@ class Replayer:
         self,
         *,
         archive: Archive,
-        publisher: Publisher,
+        connection: AmqpConnection,
         metrics: ArchiverMetrics,
+        messaging_metrics: MessagingMetrics,
         tracer: Tracer | None = None,
     ) -> None:
         self.archive = archive
-        self.publisher = publisher
+        self.connection = connection
+        self.publisher: Publisher | None = None
+        self.messaging_metrics = messaging_metrics
         self.metrics = metrics
         self.tracer = tracer or get_tracer("dlq_archiver")
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._stopping = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        """Whether replays can be published: :meth:`start` has its channel."""
+        return self.publisher is not None
+
+    async def start(self) -> None:
+        """Open the publishing channel; a job the last process left running is interrupted."""
+        self.publisher = Publisher(await self.connection.channel(), metrics=self.messaging_metrics)
+        for job_id in await self.archive.running_jobs():  # the process died mid-job
+            await self.archive.update_job(job_id, status="interrupted")
 
     async def replay(self, record: DeadLetterRecord, *, job_id: str | None = None) -> str:
         """Republish one record to the queue it failed in; the replay id.
@@ -152,6 +168,8 @@ class Replayer:
     async def _publish(
         self, record: DeadLetterRecord, target: str, replay_id: str, diagnosis: Diagnosis
     ) -> None:
+        if self.publisher is None:
+            raise RuntimeError("the replayer is not started")
         await self.publisher.publish(
             OutgoingMessage(
                 exchange=DEFAULT_EXCHANGE,

@@ -16,6 +16,7 @@ import time
 from datetime import UTC, datetime
 from typing import Final
 
+import httpx
 from opentelemetry.trace import SpanKind, Tracer
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio import Redis
@@ -29,9 +30,10 @@ from courier_common.messaging import (
     RetryableError,
     Router,
 )
-from courier_common.metrics import AGE_BUCKETS, HANDLER_BUCKETS
+from courier_common.metrics import AGE_BUCKETS, HANDLER_BUCKETS, MessagingMetrics
 from courier_common.redis import Durability
 from courier_common.tracing import SERVER_ADDRESS, SERVER_PORT, get_tracer, operation_span
+from notification_service.config import Settings
 from notification_service.rendering import Renderer
 from notification_service.senders import EmailSender, HttpProvider, failure_type, message_id
 
@@ -112,6 +114,55 @@ class Notifier:
         self.erased_ttl_seconds = erased_ttl_seconds
         self.tracer = tracer or get_tracer("notification_service")
         self.durability = durability or Durability(fence_key=f"{prefix}replication-fence")
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        redis: Redis,
+        http: httpx.AsyncClient,
+        metrics: NotificationMetrics,
+        messaging_metrics: MessagingMetrics,
+    ) -> Notifier:
+        """The notifier the service runs: senders, idempotency and retention from settings."""
+        password = settings.smtp_password.get_secret_value() if settings.smtp_password else None
+        return cls(
+            email=EmailSender(
+                host=settings.smtp_host,
+                port=settings.smtp_port,
+                sender=settings.smtp_from,
+                timeout=settings.smtp_timeout_seconds,
+                username=settings.smtp_username,
+                password=password,
+                start_tls=settings.smtp_starttls,
+            ),
+            sms=HttpProvider(
+                channel="sms",
+                url=settings.sms_url,
+                token=settings.sms_token.get_secret_value(),
+                client=http,
+            ),
+            push=HttpProvider(
+                channel="push",
+                url=settings.push_url,
+                token=settings.push_token.get_secret_value(),
+                client=http,
+            ),
+            renderer=Renderer(),
+            idempotency=IdempotencyStore(
+                redis,
+                prefix=settings.redis_prefix,
+                lease_seconds=settings.idempotency_lease_seconds,
+                retention_seconds=settings.idempotency_retention_seconds,
+                metrics=messaging_metrics,
+            ),
+            redis=redis,
+            prefix=settings.redis_prefix,
+            metrics=metrics,
+            erased_ttl_seconds=settings.erased_user_retention_seconds,
+            durability=settings.redis_durability(),
+        )
 
     def router(self) -> Router:
         router = Router()

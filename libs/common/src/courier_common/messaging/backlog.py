@@ -9,7 +9,6 @@ URLs (one per node) the client asks one and moves on to the next only when that 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -18,6 +17,7 @@ import httpx
 
 from courier_common.logging import get_logger
 from courier_common.metrics import MessagingMetrics
+from courier_common.tasks import cancel_and_wait
 
 log = get_logger(__name__)
 
@@ -146,14 +146,13 @@ class BacklogMonitor:
                     self._warned = True
             await asyncio.sleep(self.interval)
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="courier-backlog-monitor")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 2.0) -> None:
+        """Stop polling (a poll in progress is cancelled: it holds nothing) and close."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task], timeout=timeout)
             self._task = None
         await self.client.aclose()

@@ -30,6 +30,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.connection import make_url
 from yarl import URL
 
+from courier_common.backoff import Backoff
 from courier_common.logging import get_logger
 
 log = get_logger(__name__)
@@ -243,7 +244,7 @@ class AmqpConnection:
         """
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        delay = 0.2
+        backoff = Backoff(initial=0.2, maximum=_OUTAGE_BACKOFF_MAX)
         attempts = 0
         last_warning: float | None = None
         # What connect_robust does with its keyword arguments: aiormq reads the heartbeat
@@ -270,6 +271,9 @@ class AmqpConnection:
                 self._node = (self._node + 1) % len(self.urls)
                 if self._node != 0:
                     continue  # the next node, now
+                delay = backoff.next(
+                    maximum=_REFUSAL_BACKOFF_MAX if refusal else _OUTAGE_BACKOFF_MAX
+                )
                 if deadline is not None and loop.time() + delay > deadline:
                     raise ConnectionError(
                         f"cannot connect to RabbitMQ ({self._problem}) after {attempts} attempts"
@@ -285,7 +289,6 @@ class AmqpConnection:
                         retry_in_s=round(delay, 2),
                     )
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _REFUSAL_BACKOFF_MAX if refusal else _OUTAGE_BACKOFF_MAX)
                 continue
             self._connection = connection
             self._problem = None

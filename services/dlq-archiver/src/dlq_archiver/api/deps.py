@@ -19,9 +19,9 @@ def get_archive(request: Request) -> Archive:
 
 
 def get_replayer(request: Request) -> Replayer:
-    """The replayer exists once the broker is connected; until then replays answer 503."""
-    replayer: Replayer | None = request.app.state.workers.replayer
-    if replayer is None:
+    """The replayer publishes once the broker is connected; until then replays answer 503."""
+    replayer: Replayer = request.app.state.replayer
+    if not replayer.ready:
         raise ProblemError(
             status.HTTP_503_SERVICE_UNAVAILABLE,
             "Broker unavailable",
