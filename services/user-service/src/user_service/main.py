@@ -27,10 +27,10 @@ from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, Topology, TopologyMismatchError
 from courier_common.messaging.connection import broker_state
 from courier_common.metrics import MessagingMetrics, service_registry
+from courier_common.outbox import OutboxMetrics, OutboxRelay
 from courier_common.redis import connect as redis_connect
 from user_service.api import contract, users
 from user_service.config import Settings
-from user_service.outbox import OutboxMetrics, OutboxRelay
 from user_service.store import UserStore
 
 log = get_logger(__name__)
