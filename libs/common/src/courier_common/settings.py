@@ -357,3 +357,33 @@ class ConsumerSettings(CourierSettings):
             max_length=self.work_queue_max_length if capped else None,
             initial_group_size=self.quorum_initial_group_size,
         )
+
+
+class OutboxSettings(CourierSettings):
+    """The settings of a service that emits events through the outbox and runs its relay.
+
+    A service that also consumes combines it with `ConsumerSettings`
+    (``class Settings(OutboxSettings, ConsumerSettings)``).
+    """
+
+    outbox_batch_size: int = Field(default=200, ge=1, le=10_000)
+    outbox_block_ms: int = Field(
+        default=1000,
+        ge=10,
+        description="How long the relay waits on an empty outbox before looking again.",
+    )
+    outbox_claim_idle_ms: int = Field(
+        default=30_000,
+        ge=100,
+        description="Outbox entries held this long by a replica that stopped acknowledging "
+        "them (it died) are taken over by another.",
+    )
+    outbox_retry_max_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest pause between publish attempts while the broker is down.",
+    )
+    relay_enabled: bool = Field(
+        default=True,
+        description="Run the outbox relay in this process (turn off for API-only replicas).",
+    )

@@ -15,10 +15,10 @@ from fastapi import FastAPI
 from courier_common.events import USER_EVENTS
 from courier_common.messaging import Topology
 from courier_common.metrics import MessagingMetrics, service_registry
+from courier_common.outbox import OutboxMetrics, OutboxRelay
 from courier_common.service import Parts, Resources, run_service, service_app
 from user_service.api import contract, users
 from user_service.config import Settings
-from user_service.outbox import OutboxMetrics, OutboxRelay
 from user_service.store import UserStore
 
 SERVICE = "user-service"
@@ -36,7 +36,7 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
         store = UserStore(resources.redis, prefix=settings.redis_prefix, durability=durability)
         relay = OutboxRelay(
             redis=resources.redis,
-            stream=store.outbox_key,
+            stream=store.outbox.stream,
             connection=resources.connection,
             # The platform only: user-service publishes and does not know who consumes. An
             # event no consumer's queue is bound for yet is unroutable and waits in the outbox.

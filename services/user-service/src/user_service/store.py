@@ -1,9 +1,10 @@
-"""Users in Redis, and the transactional outbox beside them.
+"""Users in Redis, their email claims and idempotent responses; their events in the outbox.
 
 Every change writes the user, its email claim and the outbox entry in ONE Lua script: Redis
 runs a script atomically, so a registration either happened with its event queued, or did not
-happen at all. The broker is not on this path; the relay (:mod:`user_service.outbox`)
-publishes the entries later.
+happen at all. The scripts below are the business part; `courier_common.outbox` adds the
+``emit_outbox()`` they call, and its relay publishes the entries later. The broker is not on
+this path.
 
 Behind Sentinel a change is also confirmed by ``COURIER_REDIS_MIN_REPLICAS`` replicas before
 the API acknowledges it (`courier_common.redis.Durability`: the script, a fence and ``WAIT``
@@ -32,24 +33,22 @@ from courier_common.events import (
     UserRegistered,
     UserUpdated,
 )
-from courier_common.messaging import EventData, new_event, new_event_id
+from courier_common.outbox import Outbox, stream_key
 from courier_common.redis import Durability, NotReplicatedError
-from courier_common.tracing import inject_context
 from user_service.models import StoredUser, User, email_key
 
 _CREATE = """
-if ARGV[7] ~= '' then
-  local prior = redis.call('GET', KEYS[4])
+if ARGV[3] ~= '' then
+  local prior = redis.call('GET', KEYS[3])
   if prior then return {'replay', prior} end
 end
 local owner = redis.call('GET', KEYS[2])
 if owner then return {'conflict', owner} end
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[2])
-redis.call('XADD', KEYS[3], '*', 'event', ARGV[3], 'routing_key', ARGV[4],
-           'event_id', ARGV[9], 'traceparent', ARGV[5], 'tracestate', ARGV[6])
-if ARGV[7] ~= '' then
-  redis.call('SET', KEYS[4], ARGV[7], 'EX', ARGV[8])
+emit_outbox()
+if ARGV[3] ~= '' then
+  redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 end
 return {'created', ''}
 """
@@ -59,8 +58,7 @@ local current = redis.call('GET', KEYS[1])
 if not current then return 'missing' end
 if tostring(cjson.decode(current)['version']) ~= ARGV[1] then return 'stale' end
 redis.call('SET', KEYS[1], ARGV[2])
-redis.call('XADD', KEYS[2], '*', 'event', ARGV[3], 'routing_key', ARGV[4],
-           'event_id', ARGV[7], 'traceparent', ARGV[5], 'tracestate', ARGV[6])
+emit_outbox()
 return 'ok'
 """
 
@@ -68,8 +66,7 @@ _DELETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'missing' end
 redis.call('DEL', KEYS[1])
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-redis.call('XADD', KEYS[3], '*', 'event', ARGV[2], 'routing_key', ARGV[3],
-           'event_id', ARGV[6], 'traceparent', ARGV[4], 'tracestate', ARGV[5])
+emit_outbox()
 return 'ok'
 """
 
@@ -118,16 +115,16 @@ CreateResult = Created | EmailTaken | Replay
 
 
 class UserStore:
-    """Reads and atomic writes of users, email claims and outbox entries."""
+    """Reads and atomic writes of users and email claims, each with its event."""
 
     def __init__(self, redis: Redis, *, prefix: str, durability: Durability | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
         self.durability = durability or Durability(fence_key=f"{prefix}replication-fence")
-        self.outbox_key = f"{prefix}outbox"
-        self._create = redis.register_script(_CREATE)
-        self._update = redis.register_script(_UPDATE)
-        self._delete = redis.register_script(_DELETE)
+        self.outbox = Outbox(redis, stream=stream_key(prefix), source=USER_SERVICE_SOURCE)
+        self._create = self.outbox.script(_CREATE)
+        self._update = self.outbox.script(_UPDATE)
+        self._delete = self.outbox.script(_DELETE)
 
     def _user_key(self, user_id: UUID | str) -> str:
         return f"{self.prefix}user:{user_id}"
@@ -138,20 +135,6 @@ class UserStore:
     def _idempotency_key(self, key: str) -> str:
         digest = hashlib.sha256(key.encode()).hexdigest()
         return f"{self.prefix}http-idem:{digest}"
-
-    @staticmethod
-    def _outbox_fields(data: EventData) -> tuple[str, str, str, str, str]:
-        """(event JSON, routing key, traceparent, tracestate, event id) for an outbox entry."""
-        event = new_event(data, source=USER_SERVICE_SOURCE, event_id=new_event_id())
-        carrier: dict[str, Any] = {}
-        inject_context(carrier)
-        return (
-            event.encode().decode(),
-            event.type,
-            str(carrier.get("traceparent", "")),
-            str(carrier.get("tracestate", "")),
-            str(event.id),
-        )
 
     async def get(self, user_id: UUID) -> StoredUser | None:
         raw = await self.redis.get(self._user_key(user_id))
@@ -206,29 +189,22 @@ class UserStore:
         idempotency_ttl: int = 86400,
     ) -> CreateResult:
         """Create the user, claim the email and queue ``user.registered``, atomically."""
-        data = UserRegistered(user_id=user.id, **_contact(user))
-        event_json, routing_key, traceparent, tracestate, event_id = self._outbox_fields(data)
         idem_key, idem_record = (
             (self._idempotency_key(idempotency[0]), idempotency[1].dumps())
             if idempotency
             else (f"{self.prefix}http-idem:-", "")
         )
-        result = await self.durability.script(
-            self.redis,
-            self._create,
-            keys=[self._user_key(user.id), self._email_key(user.email), self.outbox_key, idem_key],
+        keys, args = self.outbox.with_event(
+            UserRegistered(user_id=user.id, **_contact(user)),
+            keys=[self._user_key(user.id), self._email_key(user.email), idem_key],
             args=[
                 StoredUser(user=user).model_dump_json(),
                 str(user.id),
-                event_json,
-                routing_key,
-                traceparent,
-                tracestate,
                 idem_record,
                 idempotency_ttl,
-                event_id,
             ],
         )
+        result = await self.durability.script(self.redis, self._create, keys=keys, args=args)
         outcome, detail = (_text(part) for part in result)
         if outcome == "replay":
             return Replay(IdempotentResponse.loads(detail))
@@ -248,36 +224,27 @@ class UserStore:
                 if getattr(stored.user, name) != getattr(updated, name)
             ),
         )
-        event_json, routing_key, traceparent, tracestate, event_id = self._outbox_fields(data)
-        result = await self.durability.script(
-            self.redis,
-            self._update,
-            keys=[self._user_key(updated.id), self.outbox_key],
+        keys, args = self.outbox.with_event(
+            data,
+            keys=[self._user_key(updated.id)],
             args=[
                 str(stored.version),
                 StoredUser(user=updated, version=stored.version + 1).model_dump_json(),
-                event_json,
-                routing_key,
-                traceparent,
-                tracestate,
-                event_id,
             ],
         )
+        result = await self.durability.script(self.redis, self._update, keys=keys, args=args)
         outcome = _text(result)
         assert outcome in ("ok", "missing", "stale")
         return outcome  # type: ignore[return-value]
 
     async def delete(self, user: User) -> bool:
         """Erase the user and release the email; queue ``user.deleted``. False if absent."""
-        event_json, routing_key, traceparent, tracestate, event_id = self._outbox_fields(
-            UserDeleted(user_id=user.id)
+        keys, args = self.outbox.with_event(
+            UserDeleted(user_id=user.id),
+            keys=[self._user_key(user.id), self._email_key(user.email)],
+            args=[str(user.id)],
         )
-        result = await self.durability.script(
-            self.redis,
-            self._delete,
-            keys=[self._user_key(user.id), self._email_key(user.email), self.outbox_key],
-            args=[str(user.id), event_json, routing_key, traceparent, tracestate, event_id],
-        )
+        result = await self.durability.script(self.redis, self._delete, keys=keys, args=args)
         return _text(result) == "ok"
 
     async def ping(self) -> bool:

@@ -1,4 +1,8 @@
-"""The outbox relay: moves events from the Redis stream to RabbitMQ, losing none.
+"""The outbox relay: moves events from a Redis stream to RabbitMQ, losing none.
+
+It publishes the entries :mod:`courier_common.outbox.store` writes to the topology's events
+exchange; the caller names the stream, the topology and the batch settings, so it serves any
+service's outbox.
 
 Replicas share the work through a Redis consumer group. An entry is acknowledged and deleted
 only after the broker confirmed its publish; until then it stays pending, owned by the
@@ -10,12 +14,13 @@ consumers deduplicate.
 
 Behind Sentinel (``COURIER_REDIS_MIN_REPLICAS`` > 0) a batch is published only once the
 replicas have it: the relay confirms the batch's newest entry (``XRANGE`` of its id, a fence
-and ``WAIT``, on one connection) first. A registration answered 503 because its replicas were
-late is in the outbox of a primary that may yet be replaced without it; its welcome must wait
-until the replicas confirm it, or never go out if a failover takes it. (The stream is a
-prefix of the old primary's history on any replica, so the newest entry standing for the
-batch is enough.) The acknowledgement and deletion after the publish are *not* confirmed: a
-failover that loses them costs a republish, which consumers deduplicate.
+and ``WAIT``, on one connection) first. A change answered 503 because its replicas were late
+is in the outbox of a primary that may yet be replaced without it; its event must wait until
+the replicas confirm it, or never go out if a failover takes it (no welcome for a
+registration that was taken back). (The stream is a prefix of the old primary's history on
+any replica, so the newest entry standing for the batch is enough.) The acknowledgement and
+deletion after the publish are *not* confirmed: a failover that loses them costs a
+republish, which consumers deduplicate.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from courier_common.tracing import extract_context
 
 log = get_logger(__name__)
 
+#: The relay's consumer group on an outbox stream (the runbooks ``XPENDING`` it by this name).
 GROUP = "relay"
 #: Consumers of the group that hold nothing and have been idle this long are forgotten.
 STALE_CONSUMER_MS = 3_600_000
@@ -77,6 +83,8 @@ class OutboxMetrics:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
+    """One stream entry as read: its id and fields (those of `EntryFields`; none if deleted)."""
+
     id: str
     fields: dict[str, str]
 
