@@ -32,9 +32,11 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
 
     @asynccontextmanager
     async def build(resources: Resources) -> AsyncIterator[Parts]:
-        durability = settings.redis_durability()
-        store = UserStore(resources.redis, prefix=settings.redis_prefix, durability=durability)
-        relay = OutboxRelay(
+        store = UserStore(
+            resources.redis, prefix=settings.redis_prefix, durability=settings.redis_durability()
+        )
+        relay = OutboxRelay.from_settings(
+            settings,
             redis=resources.redis,
             stream=store.outbox.stream,
             connection=resources.connection,
@@ -43,11 +45,6 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
             topology=topology or Topology(initial_group_size=settings.quorum_initial_group_size),
             metrics=outbox_metrics,
             messaging_metrics=messaging_metrics,
-            batch_size=settings.outbox_batch_size,
-            block_ms=settings.outbox_block_ms,
-            claim_idle_ms=settings.outbox_claim_idle_ms,
-            retry_max_seconds=settings.outbox_retry_max_seconds,
-            durability=durability,
         )
         relaying = [resources.background("outbox_relay", relay.run, on_stop=relay.stop)]
         yield Parts(

@@ -37,6 +37,7 @@ import redis.exceptions
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from redis.asyncio import Redis
 
+from courier_common.backoff import Backoff
 from courier_common.logging import get_logger
 from courier_common.messaging import (
     AmqpConnection,
@@ -48,6 +49,7 @@ from courier_common.messaging import (
 from courier_common.messaging.topology import declare_topology
 from courier_common.metrics import MessagingMetrics
 from courier_common.redis import Durability
+from courier_common.settings import OutboxSettings
 from courier_common.tracing import extract_context
 
 log = get_logger(__name__)
@@ -143,9 +145,36 @@ class OutboxRelay:
         self._stopping = asyncio.Event()
         self._publisher: Publisher | None = None
         self._retry_at = 0.0
-        self._backoff = 0.0
+        self._backoff = Backoff(initial=0.2, maximum=retry_max_seconds)
         self._next_claim = 0.0
         self._next_gauges = 0.0
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: OutboxSettings,
+        *,
+        redis: Redis,
+        stream: str,
+        connection: AmqpConnection,
+        topology: Topology,
+        metrics: OutboxMetrics,
+        messaging_metrics: MessagingMetrics,
+    ) -> OutboxRelay:
+        """The relay a service runs, with its batch, claim and retry settings."""
+        return cls(
+            redis=redis,
+            stream=stream,
+            connection=connection,
+            topology=topology,
+            metrics=metrics,
+            messaging_metrics=messaging_metrics,
+            batch_size=settings.outbox_batch_size,
+            block_ms=settings.outbox_block_ms,
+            claim_idle_ms=settings.outbox_claim_idle_ms,
+            retry_max_seconds=settings.outbox_retry_max_seconds,
+            durability=settings.redis_durability(),
+        )
 
     @property
     def broker_connected(self) -> bool:
@@ -280,23 +309,23 @@ class OutboxRelay:
             self.metrics.relayed.labels("published").inc(len(confirmed))
         if failed:
             self.metrics.relayed.labels("failed").inc(len(failed))
-            self._backoff = min(max(self._backoff * 2, 0.2), self.retry_max_seconds)
-            self._retry_at = time.monotonic() + self._backoff
+            delay = self._backoff.next()
+            self._retry_at = time.monotonic() + delay
             log.warning(
                 "outbox_publish_failed",
                 failed=len(failed),
                 confirmed=len(confirmed),
                 error=str(failed[0][1]),
-                retry_in_s=round(self._backoff, 2),
+                retry_in_s=round(delay, 2),
             )
             if not confirmed:
                 if any(isinstance(error, PublishNackedError) for _, error in failed):
                     await self._renew_publisher()
                 # Nothing gets through (the broker is down): wait instead of spinning on
                 # new entries that would fail the same way.
-                await self._sleep(self._backoff)
+                await self._sleep(delay)
         else:
-            self._backoff = 0.0
+            self._backoff.reset()
             self._retry_at = 0.0
         return len(confirmed)
 
