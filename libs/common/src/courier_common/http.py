@@ -69,7 +69,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from courier_common.logging import configure_logging, get_logger, scrub_text
+from courier_common.logging import configure_logging, get_logger
+from courier_common.pii import scrub_text
 from courier_common.redis import NotReplicatedError, is_unavailable
 from courier_common.settings import CourierSettings
 from courier_common.tracing import init_tracing, shutdown_tracing

@@ -37,7 +37,8 @@ from opentelemetry.trace import Link, Span, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from courier_common.logging import current_trace_ids, get_logger, scrub_text
+from courier_common.logging import current_trace_ids, get_logger
+from courier_common.pii import scrub_text
 
 __all__ = [
     "current_trace_ids",
