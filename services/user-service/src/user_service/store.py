@@ -33,8 +33,8 @@ from courier_common.events import (
     UserUpdated,
 )
 from courier_common.messaging import EventData, new_event, new_event_id
+from courier_common.messaging.tracing import inject_context
 from courier_common.redis import Durability, NotReplicatedError
-from courier_common.tracing import inject_context
 from user_service.models import StoredUser, User, email_key
 
 _CREATE = """
