@@ -34,6 +34,7 @@ from courier_common.messaging import (
 )
 from courier_common.messaging.connection import broker_state
 from courier_common.metrics import MessagingMetrics, service_registry
+from courier_common.redis import STORAGE_ERRORS
 from courier_common.redis import connect as redis_connect
 from courier_common.tasks import cancel_and_wait, pause
 from dlq_archiver.api import dead_letters
@@ -215,7 +216,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
         telemetry=NO_NATIVE_TELEMETRY,
     )
-    install_problem_handlers(app)
+    install_problem_handlers(app, unavailable=STORAGE_ERRORS)
     app.include_router(dead_letters.router)
     app.include_router(health_router(readiness=readiness, registry=registry))
     # No span per ASGI receive/send message: they are noise in the trace and cost two spans

@@ -27,6 +27,7 @@ from courier_common.logging import get_logger
 from courier_common.messaging import AmqpConnection, Topology, TopologyMismatchError
 from courier_common.messaging.connection import broker_state
 from courier_common.metrics import MessagingMetrics, service_registry
+from courier_common.redis import STORAGE_ERRORS
 from courier_common.redis import connect as redis_connect
 from user_service.api import contract, users
 from user_service.config import Settings
@@ -140,7 +141,7 @@ def create_app(settings: Settings, *, topology: Topology | None = None) -> FastA
         lifespan=lifespan,
         telemetry=NO_NATIVE_TELEMETRY,
     )
-    install_problem_handlers(app)
+    install_problem_handlers(app, unavailable=STORAGE_ERRORS)
     app.include_router(users.router)
     app.include_router(contract.router)
     app.include_router(health_router(readiness=readiness, registry=registry))
