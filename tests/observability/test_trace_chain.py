@@ -22,15 +22,13 @@ import httpx
 import pytest
 
 from courier_common.messaging.retry import format_delay
-from courier_common.tracing import (
-    ERROR_TYPE,
+from courier_common.messaging.tracing import (
     MESSAGING_DESTINATION_NAME,
     MESSAGING_MESSAGE_ID,
     MESSAGING_OPERATION_TYPE,
     MESSAGING_SYSTEM,
-    SERVER_ADDRESS,
-    SERVER_PORT,
 )
+from courier_common.tracing import ERROR_TYPE, SERVER_ADDRESS, SERVER_PORT
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
 from notification_service.routes import USER_EVENTS_QUEUE

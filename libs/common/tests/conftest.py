@@ -1,11 +1,17 @@
-"""Fixtures for courier_common's tests: a real connection and topology in a private vhost."""
+"""Fixtures for courier_common's tests: a real connection and topology in a private vhost, and
+a private tracer provider.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from aio_pika.abc import AbstractRobustChannel
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry
 
 from courier_common.messaging import AmqpConnection, declare_topology
@@ -37,6 +43,16 @@ async def channel(connection: AmqpConnection) -> AbstractRobustChannel:
 @pytest.fixture
 def metrics() -> MessagingMetrics:
     return MessagingMetrics(CollectorRegistry())
+
+
+@pytest.fixture
+def spans() -> Iterator[tuple[Tracer, InMemorySpanExporter]]:
+    """A private provider, so tracing tests neither need nor disturb the global one."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider.get_tracer("courier.test"), exporter
+    provider.shutdown()
 
 
 @pytest.fixture(

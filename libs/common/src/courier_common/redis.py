@@ -56,6 +56,7 @@ from courier_common.logging import get_logger
 
 __all__ = [
     "SENTINEL_CHECK_SECONDS",
+    "STORAGE_ERRORS",
     "Durability",
     "NotReplicatedError",
     "RedisTarget",
@@ -117,6 +118,34 @@ def is_unavailable(exc: BaseException) -> bool:
         text = str(exc.args[0]) if exc.args else ""
         return text.split(" ", 1)[0] in _UNAVAILABLE_CODES
     return False
+
+
+class _StorageErrors:
+    """Redis's errors as HTTP problem handling answers them: 503 "retry", or a bug (500).
+
+    A `courier_common.http.StorageErrors`, described without importing the HTTP code: every
+    connection and timeout error (`NotReplicatedError`, whose write is in doubt, included), and
+    the error replies that `is_unavailable` accepts; any other reply is about the command.
+    """
+
+    types: Final = (
+        redis.exceptions.ConnectionError,
+        redis.exceptions.TimeoutError,
+        redis.exceptions.ResponseError,
+    )
+
+    def is_unavailable(self, exc: Exception) -> bool:
+        return is_unavailable(exc)
+
+    def unconfirmed_replicas(self, exc: Exception) -> tuple[int, int] | None:
+        if isinstance(exc, NotReplicatedError):
+            return exc.required, exc.confirmed
+        return None
+
+
+#: What a service with a Redis store passes to `courier_common.http.install_problem_handlers`
+#: (``unavailable=STORAGE_ERRORS``), so Redis being away is a 503 the client may retry.
+STORAGE_ERRORS: Final = _StorageErrors()
 
 
 def parse_sentinels(text: str) -> tuple[tuple[str, int], ...]:

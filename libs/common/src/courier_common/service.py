@@ -38,6 +38,7 @@ from courier_common.http import (
     BodySizeLimitMiddleware,
     HttpMetrics,
     HttpMetricsMiddleware,
+    StorageErrors,
     health_router,
     install_problem_handlers,
     serve,
@@ -46,6 +47,7 @@ from courier_common.logging import configure_logging, get_logger
 from courier_common.messaging import AmqpConnection, Topology, TopologyMismatchError
 from courier_common.messaging.connection import broker_state
 from courier_common.messaging.topology import declare_topology
+from courier_common.redis import STORAGE_ERRORS
 from courier_common.redis import connect as redis_connect
 from courier_common.settings import CourierSettings
 from courier_common.tasks import cancel_and_wait, pause
@@ -254,7 +256,7 @@ def service_app(
     registry: CollectorRegistry,
     build: Callable[[Resources], AbstractAsyncContextManager[Parts]],
     routers: Sequence[APIRouter] = (),
-    storage_errors: Sequence[type[Exception]] = (),
+    storage_errors: StorageErrors = STORAGE_ERRORS,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     redis_options: Mapping[str, Any] | None = None,
 ) -> FastAPI:
@@ -306,7 +308,7 @@ def service_app(
         lifespan=lifespan,
         telemetry=NO_NATIVE_TELEMETRY,
     )
-    install_problem_handlers(app)  # MERGE: storage_errors
+    install_problem_handlers(app, unavailable=storage_errors)
     for router in routers:
         app.include_router(router)
     app.include_router(health_router(readiness=readiness, registry=registry))

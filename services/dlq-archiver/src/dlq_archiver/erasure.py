@@ -12,8 +12,9 @@ import base64
 import json
 
 from courier_common.events import UserDeleted
-from courier_common.logging import get_logger, scrub_text
+from courier_common.logging import get_logger
 from courier_common.messaging import Event, RetryableError, Router
+from courier_common.pii import scrub_text
 from dlq_archiver.records import DeadLetterRecord, mask
 from dlq_archiver.store import Archive
 

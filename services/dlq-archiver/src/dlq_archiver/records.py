@@ -16,8 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from courier_common.logging import scrub_text
 from courier_common.messaging import Delivery, Diagnosis, FailureKind, headers
+from courier_common.pii import scrub_text
 
 #: ``source_queue`` of a dead letter that says nowhere which queue it died in.
 UNKNOWN_QUEUE = "unknown"

@@ -46,9 +46,10 @@ from courier_common.messaging import (
     new_event_id,
     replay_headers,
 )
+from courier_common.messaging.tracing import link_from_headers
 from courier_common.metrics import MessagingMetrics
 from courier_common.tasks import cancel_and_wait, pause
-from courier_common.tracing import get_tracer, link_from_headers, operation_span
+from courier_common.tracing import get_tracer, operation_span
 from dlq_archiver.archiving import RECORD_ID_ATTRIBUTE, ArchiverMetrics
 from dlq_archiver.records import DeadLetterRecord
 from dlq_archiver.store import Archive, Filter

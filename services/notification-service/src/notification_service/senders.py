@@ -31,8 +31,8 @@ from typing import Any
 import aiosmtplib
 import httpx
 
-from courier_common.logging import scrub_text
 from courier_common.messaging import PermanentError, RetryableError
+from courier_common.pii import scrub_text
 
 MAX_ERROR_TEXT = 300
 #: Open SMTP connections kept for reuse (more are opened under load, and closed after).

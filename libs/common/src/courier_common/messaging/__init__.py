@@ -9,6 +9,7 @@ Where to look:
 * a dead letter's reason and the headers of a retry hop and a replay: ``deadletter.py``;
 * routes: ``topology.py`` has the platform objects and the ``WorkQueue`` type; each service
   defines its own work queues beside its handlers.
+* trace context in message headers and the publish and process spans: ``tracing.py``.
 """
 
 from courier_common.messaging import _pamqp_compat  # noqa: F401  # tolerant header names

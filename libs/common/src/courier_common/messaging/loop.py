@@ -59,9 +59,10 @@ from courier_common.messaging.topology import (
     WorkQueue,
     declare_queue,
 )
+from courier_common.messaging.tracing import process_span
 from courier_common.metrics import MessagingMetrics
 from courier_common.tasks import cancel_and_wait
-from courier_common.tracing import get_tracer, process_span, record_failure
+from courier_common.tracing import get_tracer, record_failure
 
 log = get_logger(__name__)
 

@@ -23,8 +23,9 @@ from opentelemetry.trace import Tracer
 
 from courier_common.messaging.envelope import CONTENT_TYPE, Event
 from courier_common.messaging.topology import EVENTS_EXCHANGE
+from courier_common.messaging.tracing import inject_context, publish_span
 from courier_common.metrics import MessagingMetrics
-from courier_common.tracing import get_tracer, inject_context, publish_span, record_failure
+from courier_common.tracing import get_tracer, record_failure
 
 
 class PublishError(Exception):

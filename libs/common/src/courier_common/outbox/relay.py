@@ -47,10 +47,10 @@ from courier_common.messaging import (
     Topology,
 )
 from courier_common.messaging.topology import declare_topology
+from courier_common.messaging.tracing import extract_context
 from courier_common.metrics import MessagingMetrics
 from courier_common.redis import Durability
 from courier_common.settings import OutboxSettings
-from courier_common.tracing import extract_context
 
 log = get_logger(__name__)
 

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from courier_common.messaging import EventData, new_event
-from courier_common.tracing import inject_context
+from courier_common.messaging.tracing import inject_context
 
 #: Appends one entry to the stream ``KEYS[#KEYS]`` from ``ARGV[#ARGV - 4 .. #ARGV]``, in the
 #: order of :class:`EntryFields`. A script calls it at most once per run, on the branches that
