@@ -30,7 +30,7 @@ async def test_a_topology_mismatch_ends_the_process_with_one_critical_line(
     await channel.declare_queue("courier.dead-letters", durable=True)  # classic: in the way
     proc = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, str(SERVICE_PROCESS)],
+        [sys.executable, "-P", str(SERVICE_PROCESS)],  # -P: its folder would shadow http
         env={
             **os.environ,
             "COURIER_AMQP_URL": amqp_url,

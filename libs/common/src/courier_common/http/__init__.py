@@ -8,17 +8,8 @@ operator each see one behaviour instead of three. Services hold routes and busin
 Where to look: ``problems.py`` (every error as RFC 9457 problem details, never echoing client
 input), ``limits.py`` (the request body limit), ``metrics.py`` (RED metrics and the one log line
 per request, by route template), ``probes.py`` (``/healthz``, ``/readyz``, ``/metrics``),
-``server.py`` (uvicorn, the graceful SIGTERM, the console entry point).
-
-Typical wiring (the order of ``add_middleware`` calls matters: the last one added is outermost)::
-
-    app = FastAPI(lifespan=lifespan, telemetry=NO_NATIVE_TELEMETRY)
-    install_problem_handlers(app, unavailable=STORAGE_ERRORS)  # courier_common.redis
-    app.include_router(health_router(readiness=check_dependencies, registry=registry))
-    app.include_router(users_router)
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=64 * 1024)
-    app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
-    serve(app, host=settings.http_host, port=settings.http_port, log_level=settings.log_level)
+``server.py`` (uvicorn and the graceful SIGTERM). `courier_common.service.service_app` puts
+them together for a service; nothing else should need to.
 """
 
 from courier_common.http.limits import BodySizeLimitMiddleware
