@@ -318,6 +318,9 @@ class ConsumerSettings(CourierSettings):
         description="Deliveries of one message a worker may die on before the broker "
         "dead-letters it.",
     )
+    backlog_poll_seconds: float = Field(
+        default=5.0, gt=0, description="How often the work queues' depth is read for the gauges."
+    )
     work_queue_max_length: int | None = Field(
         default=None,
         ge=1,

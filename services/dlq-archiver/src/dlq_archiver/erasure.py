@@ -13,9 +13,12 @@ import json
 
 from courier_common.events import UserDeleted
 from courier_common.logging import get_logger
-from courier_common.messaging import Event, RetryableError, Router
+from courier_common.messaging import AmqpConnection, ConsumerRunner, Event, RetryableError, Router
+from courier_common.metrics import MessagingMetrics
 from courier_common.pii import scrub_text
+from courier_common.settings import ConsumerSettings
 from dlq_archiver.records import DeadLetterRecord, mask
+from dlq_archiver.routes import erasure_queue
 from dlq_archiver.store import Archive
 
 log = get_logger(__name__)
@@ -56,6 +59,19 @@ class Eraser:
         router = Router()
         router.add(UserDeleted, self.on_user_deleted)
         return router
+
+    def runner(
+        self, connection: AmqpConnection, settings: ConsumerSettings, metrics: MessagingMetrics
+    ) -> ConsumerRunner:
+        """The consumer of the erasure queue (`dlq_archiver.routes.erasure_queue`)."""
+        return ConsumerRunner(
+            connection=connection,
+            queue=erasure_queue(settings),
+            router=self.router(),
+            metrics=metrics,
+            consumer_name="dlq-archiver",
+            prefetch=10,
+        )
 
     async def on_user_deleted(self, event: Event[UserDeleted]) -> None:
         user_id = str(event.data.user_id)

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from courier_common.events import USER_EVENTS
-from courier_common.messaging import ConsumerRunner, DeadLetterQueue, Topology
+from courier_common.messaging import DeadLetterQueue, Topology
 from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.service import Parts, Resources, run_service, service_app
 from dlq_archiver.api import dead_letters
@@ -21,7 +21,6 @@ from dlq_archiver.config import Settings
 from dlq_archiver.erasure import Eraser
 from dlq_archiver.housekeeping import Housekeeping
 from dlq_archiver.replay import Replayer
-from dlq_archiver.routes import erasure_queue
 from dlq_archiver.store import Archive
 
 SERVICE = "dlq-archiver"
@@ -31,7 +30,6 @@ def create_app(settings: Settings) -> FastAPI:
     registry = service_registry()
     archiver_metrics = ArchiverMetrics(registry)
     messaging_metrics = MessagingMetrics(registry, event_types=[e.event_type for e in USER_EVENTS])
-    erasure = erasure_queue(settings)
     group_size = settings.quorum_initial_group_size
 
     @asynccontextmanager
@@ -47,14 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
             queue=DeadLetterQueue(initial_group_size=group_size),
             prefetch=settings.amqp_prefetch,
         )
-        eraser = ConsumerRunner(
-            connection=connection,
-            queue=erasure,
-            router=Eraser(archive).router(),
-            metrics=messaging_metrics,
-            consumer_name=SERVICE,
-            prefetch=10,
-        )
+        eraser = Eraser(archive).runner(connection, settings, messaging_metrics)
         replayer = Replayer(
             archive=archive,
             connection=connection,
@@ -62,14 +53,10 @@ def create_app(settings: Settings) -> FastAPI:
             messaging_metrics=messaging_metrics,
         )
         housekeeping = Housekeeping(settings, archive, consumer)
+        tidy = resources.background("housekeeping", housekeeping.run, on_stop=housekeeping.stop)
         yield Parts(
-            workers=[
-                replayer,
-                consumer,
-                eraser,
-                resources.background("housekeeping", housekeeping.run, on_stop=housekeeping.stop),
-            ],
-            topology=Topology(work_queues=(erasure,), initial_group_size=group_size),
+            workers=[replayer, consumer, eraser, tidy],
+            topology=Topology(work_queues=(eraser.queue,), initial_group_size=group_size),
             state={"settings": settings, "archive": archive, "replayer": replayer},
         )
 

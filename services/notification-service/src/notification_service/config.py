@@ -40,7 +40,6 @@ class Settings(ConsumerSettings):
         ge=60,
         description="How long a deleted user's id is remembered so late retries send nothing.",
     )
-    backlog_poll_seconds: float = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
     def _real_tokens_in_production(self) -> Settings:

@@ -13,8 +13,8 @@ import httpx
 from fastapi import FastAPI
 
 from courier_common.events import USER_EVENTS
-from courier_common.messaging import DEAD_LETTER_QUEUE, ConsumerRunner, Topology
-from courier_common.messaging.backlog import BacklogMonitor, ManagementClient
+from courier_common.messaging import ConsumerRunner, Topology
+from courier_common.messaging.backlog import BacklogMonitor
 from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.service import Parts, Resources, run_service, service_app
 from notification_service.config import Settings
@@ -48,13 +48,7 @@ def create_app(settings: Settings) -> FastAPI:
                 consumer_name=SERVICE,
                 prefetch=settings.amqp_prefetch,
             )
-            backlog = BacklogMonitor(
-                ManagementClient(settings.management_urls),
-                vhost=settings.amqp_vhost,
-                queues=[queue.name, *queue.retry_queue_names, DEAD_LETTER_QUEUE],
-                metrics=messaging_metrics,
-                interval=settings.backlog_poll_seconds,
-            )
+            backlog = BacklogMonitor.for_work_queue(settings, queue, messaging_metrics)
             try:
                 yield Parts(
                     workers=[runner, backlog],

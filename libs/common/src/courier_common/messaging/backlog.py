@@ -11,13 +11,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 
 from courier_common.logging import get_logger
+from courier_common.messaging.topology import DEAD_LETTER_QUEUE, WorkQueue
 from courier_common.metrics import MessagingMetrics
 from courier_common.tasks import cancel_and_wait
+
+if TYPE_CHECKING:  # settings import the messaging package, which imports this module
+    from courier_common.settings import ConsumerSettings
 
 log = get_logger(__name__)
 
@@ -124,6 +129,19 @@ class BacklogMonitor:
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
         self._warned = False
+
+    @classmethod
+    def for_work_queue(
+        cls, settings: ConsumerSettings, queue: WorkQueue, metrics: MessagingMetrics
+    ) -> BacklogMonitor:
+        """What a consumer of ``queue`` reports: its depth, its retry tiers', the dead letters'."""
+        return cls(
+            ManagementClient(settings.management_urls),
+            vhost=settings.amqp_vhost,
+            queues=[queue.name, *queue.retry_queue_names, DEAD_LETTER_QUEUE],
+            metrics=metrics,
+            interval=settings.backlog_poll_seconds,
+        )
 
     async def poll_once(self) -> list[QueueDepth]:
         depths: list[QueueDepth] = []
