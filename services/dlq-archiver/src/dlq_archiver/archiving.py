@@ -176,15 +176,7 @@ class ArchiveConsumer:
         await self._link_replay(record, record.id)
         if record.replay_of:
             self.metrics.replays.labels("failed_again").inc()
-        log.info(
-            "dead_letter_archived",
-            record_id=record.id,
-            message_id=record.message_id,
-            source_queue=record.source_queue,
-            event_type=record.event_type,
-            reason_class=record.reason_class,
-            reason=record.reason,
-        )
+        log.info("dead_letter_archived", **record.log_fields())
 
     async def _link_replay(self, record: DeadLetterRecord, record_id: str) -> None:
         """A replayed message that failed again points back to the record it was replayed from.

@@ -83,6 +83,17 @@ class DeadLetterRecord(BaseModel):
             first_failed_at=self.first_failed_at,
         )
 
+    def log_fields(self) -> dict[str, str | None]:
+        """What a log line says of this record: which one, from where, and why."""
+        return {
+            "record_id": self.id,
+            "message_id": self.message_id,
+            "source_queue": self.source_queue,
+            "event_type": self.event_type,
+            "reason_class": self.reason_class,
+            "reason": self.reason,
+        }
+
     def amqp_headers(self) -> dict[str, Any]:
         """The headers as AMQP values again: bytes that were kept as base64 come back."""
         return {name: amqp_value(value) for name, value in self.headers.items()}
