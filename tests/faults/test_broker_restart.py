@@ -13,18 +13,33 @@ from courier_common.messaging import (
     AmqpConnection,
     ConsumerRunner,
     Event,
+    EventData,
     Publisher,
     PublishError,
     Router,
+    Topology,
+    WorkQueue,
     declare_topology,
     new_event,
 )
 from courier_common.metrics import MessagingMetrics
-from tests.support.helpers import eventually
-from tests.support.messaging import TOPOLOGY, WORK, Pinged
-from tests.support.private_services import PrivateRabbitMQ
+from courier_testing.polling import eventually
+from courier_testing.private_services import PrivateRabbitMQ
 
 pytestmark = pytest.mark.fault
+
+
+class Pinged(EventData):
+    """The event these tests publish and consume (no service's: the library alone is tested)."""
+
+    event_type = "test.pinged"
+    event_version = 1
+
+    n: int
+
+
+WORK = WorkQueue(name="courier-test.restart", binding_keys=("test.*",))
+TOPOLOGY = Topology(work_queues=(WORK,))
 
 
 @pytest.fixture

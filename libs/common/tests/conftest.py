@@ -1,42 +1,26 @@
-"""Fixtures for courier_common's tests: a real connection and topology in a private vhost."""
+"""Fixtures for courier_common's tests, on their own: run from here or from the repository.
+
+The shared broker's vhost and Redis prefix, the private servers and the RabbitMQ 4 node come
+from the test kit (courier_testing); nothing here needs the repository's tests/ or a service.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import pytest
-from aio_pika.abc import AbstractRobustChannel
-from prometheus_client import CollectorRegistry
 
-from courier_common.messaging import AmqpConnection, declare_topology
-from courier_common.messaging.topology import DeclaredTopology
-from courier_common.metrics import MessagingMetrics
-from tests.support.fixtures import BrokerAdmin
-from tests.support.messaging import TOPOLOGY
-from tests.support.private_services import PrivateRabbitMQ
+from courier_testing.backing import BrokerAdmin
 
+if TYPE_CHECKING:  # a plugin below: imported here first, pytest could not rewrite its asserts
+    from courier_testing.private_services import PrivateRabbitMQ
 
-@pytest.fixture
-async def connection(amqp_url: str) -> AsyncIterator[AmqpConnection]:
-    conn = await AmqpConnection(amqp_url, client_name="courier-tests").connect(timeout=10)
-    yield conn
-    await conn.close()
-
-
-@pytest.fixture
-async def declared(connection: AmqpConnection) -> DeclaredTopology:
-    channel = await connection.channel()
-    return await declare_topology(channel, TOPOLOGY)
-
-
-@pytest.fixture
-async def channel(connection: AmqpConnection) -> AbstractRobustChannel:
-    return await connection.channel()
-
-
-@pytest.fixture
-def metrics() -> MessagingMetrics:
-    return MessagingMetrics(CollectorRegistry())
+pytest_plugins = [
+    "courier_testing.fixtures",
+    "courier_testing.matrix",
+    "courier_testing.private_services",
+    "courier_testing.rabbitmq4",
+]
 
 
 @pytest.fixture(
@@ -49,9 +33,9 @@ def metrics() -> MessagingMetrics:
 def broker_admin(request: pytest.FixtureRequest, broker_admin: BrokerAdmin) -> BrokerAdmin:
     """Every test here that needs a broker runs on the shared 3.10 and on RabbitMQ 4.0 (V4).
 
-    The 4.0 node is one private node in a chroot for the session (tests/support/rabbitmq4.py);
+    The 4.0 node is one private node in a chroot for the session (courier_testing.rabbitmq4);
     each test gets its own vhost there, as on the shared broker. ``broker_admin`` on the right
-    is the shared broker's, from tests/support/fixtures.py.
+    is the shared broker's, from courier_testing.fixtures.
     """
     if request.param == "3.10":
         return broker_admin

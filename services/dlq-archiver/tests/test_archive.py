@@ -10,9 +10,9 @@ import httpx
 
 from courier_common.messaging import AmqpConnection
 from courier_sinks.smtp import SmtpSink
+from courier_testing.polling import eventually
 from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN, records, wait_records
-from tests.support.helpers import eventually
 from tests.support.stack import Stack
 
 

@@ -12,9 +12,9 @@ from aio_pika.abc import AbstractQueue
 
 from courier_common.messaging import EVENTS_EXCHANGE, AmqpConnection
 from courier_sinks.smtp import SmtpSink
+from courier_testing.polling import eventually
 from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN, records, wait_records
-from tests.support.helpers import eventually
 from tests.support.stack import Stack
 
 BYSTANDER = "courier-test.bystander"

@@ -13,12 +13,12 @@ import redis.asyncio
 from asgi_lifespan import LifespanManager
 
 from courier_common.messaging import DEAD_LETTER_QUEUE, AmqpConnection
+from courier_testing.polling import eventually
+from courier_testing.private_services import PrivateRedis
 from dlq_archiver.config import Settings
 from dlq_archiver.main import create_app
 from dlq_archiver.store import Archive, Filter
 from tests.support.archiver import ADMIN, records, wait_records
-from tests.support.helpers import eventually
-from tests.support.private_services import PrivateRedis
 
 SOURCE_QUEUE = "courier-test.source"
 

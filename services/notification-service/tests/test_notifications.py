@@ -8,8 +8,8 @@ import time
 from courier_common.messaging import AmqpConnection
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from courier_testing.polling import eventually, get_all, ready_count
 from notification_service.routes import USER_EVENTS_QUEUE
-from tests.support.helpers import eventually, get_all, ready_count
 from tests.support.stack import Stack
 
 

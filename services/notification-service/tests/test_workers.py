@@ -11,9 +11,9 @@ import httpx
 from courier_common.messaging import AmqpConnection
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from courier_testing.polling import eventually, ready_count
 from notification_service.config import Settings as NotifierSettings
 from notification_service.routes import USER_EVENTS_QUEUE
-from tests.support.helpers import eventually, ready_count
 from tests.support.processes import ServiceProcess, ServiceRunner
 from tests.support.stack import service_env
 from user_service.config import Settings as UserSettings

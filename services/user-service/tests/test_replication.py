@@ -17,9 +17,9 @@ import httpx
 import pytest
 import redis
 
+from courier_testing.private_services import PrivateRedis
+from courier_testing.sentinel import SERVICE, RedisSentinelGroup, redis_sentinel_group
 from tests.support.helpers import EventTap, user_payload
-from tests.support.private_services import PrivateRedis
-from tests.support.sentinel import SERVICE, RedisSentinelGroup, redis_sentinel_group
 from user_service.config import Settings
 from user_service.models import email_key
 

@@ -12,9 +12,10 @@ from courier_common.messaging import Publisher, new_event
 from courier_common.messaging.backlog import BacklogMonitor, ManagementClient
 from courier_common.messaging.topology import DeclaredTopology
 from courier_common.metrics import MessagingMetrics
-from tests.support.fixtures import BrokerVhost
-from tests.support.helpers import eventually
-from tests.support.messaging import WORK, Pinged
+from courier_testing.backing import BrokerVhost
+from courier_testing.polling import eventually
+
+from .support import WORK, Pinged
 
 
 async def test_backlog_reports_ready_and_unacked(

@@ -16,9 +16,9 @@ from courier_common.messaging.connection import (
     redact_url,
     split_amqp_urls,
 )
-from tests.support.fixtures import BrokerAdmin, BrokerVhost
-from tests.support.helpers import eventually
-from tests.support.private_services import PrivateRabbitMQ
+from courier_testing.backing import BrokerAdmin, BrokerVhost
+from courier_testing.polling import eventually
+from courier_testing.private_services import PrivateRabbitMQ
 
 
 def events(out: str, name: str) -> list[dict[str, Any]]:

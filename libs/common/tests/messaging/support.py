@@ -1,4 +1,9 @@
-"""A small topology and event type for tests of the messaging core (in-process or not)."""
+"""The messaging tests' own topology and event type (in-process and in worker processes).
+
+A work queue of the tests' own, bound to the events exchange, with the production shape (retry
+tiers, a delivery limit) and short delays, so a retry test takes about a second. No service's
+names: these tests prove the library, not a deployment of it.
+"""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from courier_common.messaging.connection import AmqpConnection
 from courier_common.messaging.delivery import Delivery
 from courier_common.messaging.settlement import Ack, Settlement
 from courier_common.messaging.topology import Topology
-from tests.support.helpers import eventually
+from courier_testing.polling import eventually
 
 
 class Recorder:

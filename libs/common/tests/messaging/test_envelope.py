@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 import pytest
 
 from courier_common.messaging.envelope import EnvelopeError, EventCatalog, event_model, new_event
-from tests.support.messaging import Pinged
+
+from .support import Pinged
 
 
 class PingedV2(Pinged):
