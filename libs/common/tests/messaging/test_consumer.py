@@ -62,14 +62,9 @@ async def start_runner(
     async def start(handler: Handler, **kwargs: Any) -> ConsumerRunner:
         router = Router()
         router.add(Pinged, handler)
+        options: dict[str, Any] = {"consumer_name": "tests", "prefetch": 8, **kwargs}
         runner = ConsumerRunner(
-            connection=connection,
-            queue=WORK,
-            router=router,
-            metrics=metrics,
-            consumer_name="tests",
-            prefetch=kwargs.pop("prefetch", 8),
-            **kwargs,
+            connection=connection, queue=WORK, router=router, metrics=metrics, **options
         )
         await runner.start()
         runners.append(runner)
