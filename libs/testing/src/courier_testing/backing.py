@@ -9,6 +9,7 @@ removed afterwards.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -116,13 +117,13 @@ class BrokerAdmin:
             response.raise_for_status()
 
     def sweep_stale(self, prefix: str) -> None:
-        """Delete the vhosts named ``<prefix><pid>-…`` whose creating process is gone (a
-        crashed earlier run)."""
+        """Delete the vhosts named ``<prefix><pid>-<6 hex>…`` (a run's id) whose creating
+        process is gone (a crashed earlier run). Other names under *prefix* are not a run's:
+        a test that names a vhost of its own after an object id removes it itself."""
+        run = re.compile(rf"{re.escape(prefix)}(\d+)-[0-9a-f]{{6}}(?:-|$)")
         for name in self.vhosts():
-            if not name.startswith(prefix):
-                continue
-            pid = name[len(prefix) :].split("-", 1)[0]
-            if pid.isdigit() and not alive(int(pid)):
+            found = run.match(name)
+            if found and not alive(int(found[1])):
                 self.delete_vhost(name)
 
     def close(self) -> None:
@@ -133,7 +134,7 @@ def alive(pid: int) -> bool:
     """Does a process with this pid exist (as far as this user can tell)?"""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or no pid at all
         return False
     except PermissionError:
         return True

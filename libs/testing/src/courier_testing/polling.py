@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel
@@ -54,9 +53,19 @@ async def get_all(
     return got
 
 
+async def queue_counts(channel: AbstractRobustChannel, queue_name: str) -> tuple[int, int]:
+    """(messages ready, consumers) of a queue now, from a passive declare: exact, unlike the
+    management API's statistics, which lag by up to their collection interval (5 s).
+
+    Declared on the channel underneath: aio-pika's robust channel answers a passive declare
+    of a queue it declared before with that first declaration's counts, never asking again.
+    """
+    underlay = await channel.get_underlay_channel()
+    declared = await underlay.queue_declare(queue_name, passive=True)
+    return int(declared.message_count or 0), int(declared.consumer_count or 0)
+
+
 async def ready_count(channel: AbstractRobustChannel, queue_name: str) -> int:
-    """Messages ready in a queue, from a passive declare: exact, unlike the management
-    API's statistics, which lag by up to their collection interval (5 s by default)."""
-    declared = await channel.declare_queue(queue_name, passive=True)
-    result: Any = declared.declaration_result
-    return int(result.message_count)
+    """Messages ready in a queue now (see `queue_counts`)."""
+    ready, _consumers = await queue_counts(channel, queue_name)
+    return ready
