@@ -84,6 +84,7 @@ async def test_broker_killed_and_restarted_loses_no_confirmed_message(
     await runner.start()
     publisher = Publisher(await connection.channel(), confirm_timeout=5)
     confirmed: list[UUID] = []
+    refused: list[PublishError] = []
 
     async def publish_until_confirmed(n: int) -> None:
         """What the outbox relay does: keep the event until the broker confirms it."""
@@ -91,7 +92,8 @@ async def test_broker_killed_and_restarted_loses_no_confirmed_message(
         while True:
             try:
                 await publisher.publish_event(event)
-            except PublishError:
+            except PublishError as exc:
+                refused.append(exc)
                 await asyncio.sleep(0.2)
                 continue
             confirmed.append(event.id)
@@ -105,7 +107,7 @@ async def test_broker_killed_and_restarted_loses_no_confirmed_message(
     producer = asyncio.create_task(produce(0, 150))
     await eventually(lambda: len(confirmed) >= 30, what="30 confirmed before the kill")
     await asyncio.to_thread(private_rabbitmq.kill)
-    await asyncio.sleep(1)
+    await eventually(lambda: len(refused) >= 2, timeout=30, what="publishes to the dead broker")
     assert not producer.done()  # it is waiting for the broker, holding its event
     await asyncio.to_thread(private_rabbitmq.start)
     await asyncio.wait_for(producer, 120)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aio_pika
@@ -59,7 +58,17 @@ async def test_replay_after_the_fix_sends_once_even_when_replayed_twice(
     await eventually(lambda: len(smtp_sink.messages) == 1, what="the replayed welcome")
     second = await archiver.post(f"/v1/dead-letters/{summary['id']}/replay", headers=ADMIN)
     assert second.status_code == 202
-    await asyncio.sleep(1.5)
+
+    async def skipped() -> bool:  # the second replay reached the notifier and was settled
+        duplicates = await stack.metric(
+            "courier_messages_consumed_total",
+            queue=USER_EVENTS_QUEUE,
+            event_type="user.registered",
+            outcome="duplicate",
+        )
+        return duplicates == 1
+
+    await eventually(skipped, what="the second replay, skipped as a duplicate")
     assert len(smtp_sink.messages) == 1  # the notifier's idempotency: sent once
     record = (await archiver.get(f"/v1/dead-letters/{summary['id']}")).json()
     assert record["status"] == "replayed"
@@ -117,13 +126,16 @@ async def test_the_same_dead_letter_twice_is_one_record(
     finally:
         await connection.close()
     await wait_records(archiver, 1)
-    await asyncio.sleep(1)
+
+    async def both_seen() -> bool:  # the second copy was read too, and recognised
+        metrics = (await archiver.get("/metrics")).text
+        return "courier_dead_letters_duplicate_total 1.0" in metrics
+
+    await eventually(both_seen, what="the second copy, counted as a duplicate")
     [only] = await records(archiver)
     record = (await archiver.get(f"/v1/dead-letters/{only['id']}")).json()
     assert record["body"] is None  # not text: kept byte for byte
     assert record["body_b64"] == "//4gbm90IHV0Zi04"
-    metrics = (await archiver.get("/metrics")).text
-    assert "courier_dead_letters_duplicate_total 1.0" in metrics
 
 
 async def test_changes_need_the_admin_token(

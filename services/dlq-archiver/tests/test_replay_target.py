@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -76,7 +75,19 @@ async def test_a_replay_reaches_the_failed_consumer_only_once_and_bulk_too(
 
     await eventually(completed, what="the bulk replay")
     await eventually(lambda: len(smtp_sink.messages) == 1, what="the replayed welcome")
-    await asyncio.sleep(1.5)  # anything misrouted or sent twice would have arrived by now
+
+    async def settled() -> bool:  # the replayed delivery is acked: nothing of it is left
+        acked = await stack.metric(
+            "courier_messages_consumed_total",
+            queue=USER_EVENTS_QUEUE,
+            event_type="user.registered",
+            outcome="acked",
+        )
+        return acked == 1
+
+    await eventually(settled, what="the replayed delivery acked")
+    # A misrouted copy would be there already: a replay is confirmed once it is in every
+    # queue it was routed to, and the job completed only after that.
     assert await drain(bystander) == []
     assert len(smtp_sink.messages) == 1  # the welcome, once
     assert sorted(r["status"] for r in await records(archiver)) == ["replay-failed", "replayed"]

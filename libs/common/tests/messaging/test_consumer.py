@@ -158,7 +158,7 @@ async def test_always_retryable_is_dead_lettered_after_the_budget(
         attempts.append(current_delivery().attempt)
         raise RetryableError("SMTP 451 try later")
 
-    await start_runner(handler)
+    runner = await start_runner(handler)
     event = new_event(Pinged(n=1), source="t")
     await publish(channel, event)
     [dead] = await get_all(channel, "courier.dead-letters", expect=1, timeout=20)
@@ -178,7 +178,8 @@ async def test_always_retryable_is_dead_lettered_after_the_budget(
     assert dead.message_id == str(event.id)
     assert dead.body == event.encode()
     assert count(metrics, "dead_lettered") == 1
-    await asyncio.sleep(1.0)  # nothing else arrives: no extra attempt after the budget
+    # Nothing left in the queue, its tiers or the runner: no attempt can follow the budget's.
+    await all_settled(channel, runner)
     assert attempts == [1, 2, 3]
 
 
@@ -540,14 +541,18 @@ async def test_worker_killed_mid_handler_redelivers_and_the_effect_happens_once(
     first.send_signal(signal.SIGKILL)
     assert first.wait(10) == -signal.SIGKILL
 
-    spawn_worker(WORKER_IDEMPOTENT="1", WORKER_LEASE="1")
+    second = spawn_worker(WORKER_IDEMPOTENT="1", WORKER_LEASE="1")
 
     async def affected() -> bool:
         return bool(await list_of(redis_client, redis_prefix + "effects"))
 
     await eventually(affected, timeout=30, what="the effect")
     await settled(broker_admin, vhost)
-    await asyncio.sleep(1)  # a second effect would have shown up by now
+    # The last worker drains and exits: after that no delivery is in anyone's hands, so the
+    # effects and the queue are final (an unacked delivery would be back in the queue).
+    second.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(second.wait, 30) == 0
+    assert await ready_count(channel, WORK.name) == 0
     assert await list_of(redis_client, redis_prefix + "effects") == [str(event.id)]
     assert len(await list_of(redis_client, redis_prefix + "started")) >= 2
     assert await ready_count(channel, "courier.dead-letters") == 0
