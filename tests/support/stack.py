@@ -23,6 +23,7 @@ from courier_testing.env import backing_env
 from courier_testing.metrics import sample
 from courier_testing.polling import eventually
 from notification_service.config import Settings as NotifierSettings
+from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.helpers import EventTap
 from user_service.config import Settings as UserSettings
 
@@ -151,3 +152,21 @@ class Stack:
     async def metric(self, name: str, **labels: str) -> float:
         """A sample from the notifier's /metrics (0 when the series does not exist yet)."""
         return sample((await self.notifier.get("/metrics")).text, name, **labels)
+
+    async def consumed(self, outcome: str, count: int, event_type: str = "user.registered") -> None:
+        """Until the notifier has settled *count* deliveries of *event_type* with *outcome*.
+
+        Counted once the settlement is applied: after the last of them nothing about those
+        deliveries can happen any more, so what a test asserts next is final, not just early.
+        """
+
+        async def settled() -> bool:
+            value = await self.metric(
+                "courier_messages_consumed_total",
+                queue=USER_EVENTS_QUEUE,
+                event_type=event_type,
+                outcome=outcome,
+            )
+            return value == count
+
+        await eventually(settled, timeout=20, what=f"{count} {event_type} {outcome}")

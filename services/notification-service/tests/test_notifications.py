@@ -17,27 +17,6 @@ async def wait_mail(sink: SmtpSink, count: int, timeout: float = 20) -> list[dic
     return list(sink.messages)  # type: ignore[arg-type]
 
 
-async def consumed(
-    stack: Stack, outcome: str, count: int, event_type: str = "user.registered"
-) -> None:
-    """Until the notifier has settled *count* deliveries of *event_type* with *outcome*.
-
-    Counted once the settlement is applied: after the last of them nothing about those
-    deliveries can happen any more, so what a test asserts next is final, not just early.
-    """
-
-    async def settled() -> bool:
-        value = await stack.metric(
-            "courier_messages_consumed_total",
-            queue=USER_EVENTS_QUEUE,
-            event_type=event_type,
-            outcome=outcome,
-        )
-        return value == count
-
-    await eventually(settled, timeout=20, what=f"{count} {event_type} {outcome}")
-
-
 async def test_registration_sends_a_welcome_on_every_chosen_channel(
     stack: Stack, smtp_sink: SmtpSink, http_sink: HttpSink
 ) -> None:
@@ -87,7 +66,7 @@ async def test_smtp_451_twice_then_delivered_once_after_the_tiers(
     await stack.register("grace@example.com")
     await wait_mail(smtp_sink, 1)
     elapsed = time.monotonic() - started
-    await consumed(stack, "acked", 1)  # the attempt that sent it is settled: no more to come
+    await stack.consumed("acked", 1)  # the attempt that sent it is settled: no more to come
     assert len(smtp_sink.messages) == 1
     assert elapsed >= 0.3 + 0.6  # waited in the first two retry tiers
     retried = await stack.metric(
@@ -115,7 +94,7 @@ async def test_smtp_550_is_dead_lettered_once_without_retry(
         assert "SMTP 550" in str(dead.headers["x-courier-failure-reason"])
         assert dead.headers["x-courier-attempt"] == 1
         assert dead.headers["x-courier-original-routing-key"] == "user.registered"
-        await consumed(stack, "dead_lettered", 1)  # settled: it cannot come back
+        await stack.consumed("dead_lettered", 1)  # settled: it cannot come back
         assert await ready_count(channel, "courier.dead-letters") == 0  # once, not again
     finally:
         await connection.close()
@@ -131,7 +110,7 @@ async def test_email_sent_once_while_sms_retries_through_two_503s(
     http_sink.fail_next(2, 503, path="/sms")
     await stack.register("ada@example.com", channels=["email", "sms"], phone="+14155552671")
     await eventually(lambda: len(http_sink.deliveries) == 1, timeout=20, what="the SMS")
-    await consumed(stack, "acked", 1)  # the third attempt, which sent the SMS, is settled
+    await stack.consumed("acked", 1)  # the third attempt, which sent the SMS, is settled
     assert len(smtp_sink.messages) == 1
     assert [r["status"] for r in http_sink.requests] == [503, 503, 202]
     assert len(http_sink.deliveries) == 1
@@ -161,7 +140,7 @@ async def test_newly_enabled_channel_gets_a_confirmation_and_nothing_else(
     assert http_sink.deliveries[0]["body"]["title"] == "Notifications are on"
     renamed = await stack.users.patch(f"/v1/users/{user['id']}", json={"display_name": "Ada L"})
     assert renamed.status_code == 200
-    await consumed(stack, "acked", 2, event_type="user.updated")  # the rename, handled
+    await stack.consumed("acked", 2, event_type="user.updated")  # the rename, handled
     assert len(smtp_sink.messages) == 1
     assert len(http_sink.deliveries) == 1
 
@@ -174,7 +153,7 @@ async def test_a_deleted_user_gets_no_late_welcome(
     await eventually(lambda: len(http_sink.requests) == 1, what="the first SMS attempt")
     assert (await stack.users.delete(f"/v1/users/{user['id']}")).status_code == 204
 
-    await consumed(stack, "acked", 1)  # the retry came back after the erasure, and was acked
+    await stack.consumed("acked", 1)  # the retry came back after the erasure, and was acked
     assert http_sink.deliveries == []
     assert len(http_sink.requests) == 1  # the retry did not even try the provider
 
