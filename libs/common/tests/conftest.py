@@ -1,26 +1,17 @@
 """Fixtures for courier_common's tests, on their own: run from here or from the repository.
 
 The shared broker's vhost and Redis prefix, the private servers and the RabbitMQ 4 node come
-from the test kit (courier_testing); nothing here needs the repository's tests/ or a service.
+from the test kit's plugins (courier_testing: loaded by libs/common/pyproject.toml's pytest
+configuration here, by the repository's conftest there); nothing here needs the repository's
+tests/ or a service.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pytest
 
 from courier_testing.backing import BrokerAdmin
-
-if TYPE_CHECKING:  # a plugin below: imported here first, pytest could not rewrite its asserts
-    from courier_testing.private_services import PrivateRabbitMQ
-
-pytest_plugins = [
-    "courier_testing.fixtures",
-    "courier_testing.matrix",
-    "courier_testing.private_services",
-    "courier_testing.rabbitmq4",
-]
+from courier_testing.private_services import PrivateRabbitMQ
 
 
 @pytest.fixture(
