@@ -39,10 +39,10 @@ faults: setup ## The full fault and bad-input matrix (private RabbitMQ/Redis, a 
 bench: setup ## Courier vs the bare stack, as ratios (installs wrk); writes bench/results/ (BENCH_ARGS=--quick)
 	@$(UV) run --locked python bench/run.py $(BENCH_ARGS)
 
-lint: ## ruff (lint + format check) and mypy (strict for libs/common)
+lint: ## ruff (lint + format check) and mypy (strict for libs/common and libs/testing)
 	@$(UV) run --locked ruff check .
 	@$(UV) run --locked ruff format --check .
-	@$(UV) run --locked mypy libs/common/src tools/sinks/src
+	@$(UV) run --locked mypy libs/common/src libs/testing/src tools/sinks/src
 	@$(UV) run --locked mypy services/*/src tests libs/common/tests conftest.py scripts bench
 	@for d in services/*/tests tools/*/tests; do $(UV) run --locked mypy --config-file pyproject.toml $$d || exit 1; done
 

@@ -5,13 +5,14 @@ from pathlib import Path
 import pytest
 
 pytest_plugins = [
-    "tests.support.fixtures",
-    "tests.support.private_services",
+    "courier_testing.fixtures",
+    "courier_testing.matrix",
+    "courier_testing.private_services",
+    "courier_testing.rabbitmq4",
     "tests.support.processes",
     "tests.support.stack",
     "tests.support.archiver",
     "tests.support.chain",
-    "tests.support.rabbitmq4",
     "tests.support.faults",
     "tests.support.cluster",
 ]

@@ -30,7 +30,6 @@ from bench.harness import (
     Service,
     SmtpSinkProc,
     declare_courier_topology,
-    free_port,
     preload_events,
     preload_raw,
     preload_registrations,
@@ -44,6 +43,7 @@ from bench.harness import (
     wait_queue_empty,
 )
 from bench.report import percentile
+from courier_testing.ports import free_port
 from notification_service.routes import USER_EVENTS_QUEUE
 
 NOTIFICATION_QUEUE = USER_EVENTS_QUEUE

@@ -14,7 +14,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,10 +23,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import httpx
 import redis
+
+from courier_testing.backing import BrokerAdmin, delete_prefix
+from courier_testing.env import backing_env, process_env
+from courier_testing.metrics import sample
+from courier_testing.ports import free_port
 
 if TYPE_CHECKING:
     from courier_common.messaging import Topology
@@ -49,13 +52,6 @@ def say(message: str) -> None:
     """Progress on stderr, so stdout stays the table."""
     sys.stderr.write(f"[bench] {message}\n")
     sys.stderr.flush()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,10 +329,8 @@ class Backing:
     """One vhost on the shared broker and one Redis key prefix, both this run's alone."""
 
     run_id: str = field(default_factory=lambda: f"{os.getpid()}-{secrets.token_hex(3)}")
-    admin: httpx.Client = field(
-        default_factory=lambda: httpx.Client(
-            base_url=MANAGEMENT_URL, auth=("guest", "guest"), timeout=30
-        )
+    admin: BrokerAdmin = field(
+        default_factory=lambda: BrokerAdmin(MANAGEMENT_URL, amqp_host=AMQP_HOST, amqp_port=5672)
     )
 
     @property
@@ -345,7 +339,7 @@ class Backing:
 
     @property
     def amqp_url(self) -> str:
-        return f"amqp://guest:guest@{AMQP_HOST}:5672/{quote(self.vhost, safe='')}"
+        return self.admin.vhost(self.vhost).amqp_url
 
     @property
     def redis_url(self) -> str:
@@ -357,49 +351,24 @@ class Backing:
 
     def open(self) -> Backing:
         try:
-            self.admin.get("/api/overview").raise_for_status()
+            self.admin.client.get("/api/overview").raise_for_status()
             redis.Redis.from_url(REDIS_URL).ping()
         except (httpx.HTTPError, redis.RedisError) as exc:
             raise BenchError(
                 f"RabbitMQ (management API {MANAGEMENT_URL}) and Redis ({REDIS_URL}) must be "
                 f"running: `make setup` starts them ({exc!r})"
             ) from exc
-        self._sweep_stale()
-        vhost = quote(self.vhost, safe="")
-        self.admin.put(f"/api/vhosts/{vhost}").raise_for_status()
-        self.admin.put(
-            f"/api/permissions/{vhost}/guest",
-            json={"configure": ".*", "write": ".*", "read": ".*"},
-        ).raise_for_status()
+        self.admin.sweep_stale(VHOST_PREFIX)  # bench vhosts of a run that was killed
+        self.admin.create_vhost(self.vhost)
         return self
 
-    def _sweep_stale(self) -> None:
-        """Remove bench vhosts whose process is gone (a run that was killed)."""
-        for entry in self.admin.get("/api/vhosts").json():
-            name = str(entry["name"])
-            if not name.startswith(VHOST_PREFIX):
-                continue
-            pid = name[len(VHOST_PREFIX) :].split("-", 1)[0]
-            if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-                self.admin.delete(f"/api/vhosts/{quote(name, safe='')}")
-
     def purge(self, queue: str) -> None:
-        url = f"/api/queues/{quote(self.vhost, safe='')}/{quote(queue, safe='')}/contents"
-        response = self.admin.delete(url)
-        if response.status_code not in (204, 404):
-            response.raise_for_status()
+        self.admin.purge(self.vhost, queue)
 
     def close(self) -> None:
-        self.admin.delete(f"/api/vhosts/{quote(self.vhost, safe='')}")
+        self.admin.delete_vhost(self.vhost)
         client = redis.Redis.from_url(REDIS_URL)
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{self.prefix}*", count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                client.delete(*batch)
-                batch.clear()
-        if batch:
-            client.delete(*batch)
+        delete_prefix(client, self.prefix)
         client.close()
         self.admin.close()
 
@@ -480,15 +449,9 @@ def service_env(
 ) -> dict[str, str]:
     """A service's environment: this run's vhost and prefix, JSON logs, no trace export."""
     return {
-        "COURIER_AMQP_URL": backing.amqp_url,
-        "COURIER_REDIS_URL": backing.redis_url,
-        "COURIER_REDIS_PREFIX": backing.prefix,
-        "COURIER_HTTP_HOST": "127.0.0.1",
-        "COURIER_HTTP_PORT": str(port),
-        "COURIER_LOG_FORMAT": "json",
+        **backing_env(backing.amqp_url, backing.redis_url, backing.prefix),
+        **process_env(port, environment="development"),
         "COURIER_LOG_LEVEL": "INFO",
-        "COURIER_ENVIRONMENT": "development",
-        "OTEL_TRACES_EXPORTER": "none",
         **(extra or {}),
     }
 
@@ -507,17 +470,7 @@ class Service:
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample from ``/metrics`` (0 when absent)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith("#") or " " not in line:
-                continue
-            series, value = line.rsplit(" ", 1)
-            metric, _, rest = series.partition("{")
-            found = ",".join(sorted(p for p in rest.rstrip("}").split(",") if p))
-            if metric == name and found == wanted:
-                return float(value)
-        return 0.0
+        return sample(httpx.get(f"{self.url}/metrics", timeout=10).text, name, **labels)
 
 
 def start_service(
@@ -601,7 +554,6 @@ def preload_events(backing: Backing, queue: str, count: int, token: str) -> None
 
 
 async def _preload_events(backing: Backing, queue: str, count: int, token: str) -> None:
-    from courier_common.events import USER_SERVICE_SOURCE, UserRegistered
     from courier_common.messaging import (
         DEFAULT_EXCHANGE,
         AmqpConnection,
@@ -610,9 +562,8 @@ async def _preload_events(backing: Backing, queue: str, count: int, token: str) 
         Topology,
         WorkQueue,
         declare_topology,
-        new_event,
-        new_event_id,
     )
+    from courier_testing.events import user_registered
 
     connection = await AmqpConnection(backing.amqp_url, client_name="bench-preload").connect()
     try:
@@ -621,14 +572,7 @@ async def _preload_events(backing: Backing, queue: str, count: int, token: str) 
         publisher = Publisher(await connection.channel())
         batch: list[OutgoingMessage] = []
         for i in range(count):
-            data = UserRegistered(
-                user_id=new_event_id(),
-                email=f"r-{token}-{i}@bench.example.com",
-                display_name="Bench",
-                locale="en",
-                channels=("email",),
-            )
-            event = new_event(data, source=USER_SERVICE_SOURCE, event_id=new_event_id())
+            event = user_registered(f"r-{token}-{i}@bench.example.com", display_name="Bench")
             batch.append(
                 OutgoingMessage.for_event(event, exchange=DEFAULT_EXCHANGE, routing_key=queue)
             )
@@ -675,15 +619,13 @@ def preload_registrations(backing: Backing, count: int, token: str) -> None:
 
 
 async def _preload_registrations(backing: Backing, count: int, token: str) -> None:
-    from courier_common.events import USER_SERVICE_SOURCE, UserRegistered
     from courier_common.messaging import (
         AmqpConnection,
         OutgoingMessage,
         Publisher,
         declare_topology,
-        new_event,
-        new_event_id,
     )
+    from courier_testing.events import user_registered
 
     connection = await AmqpConnection(backing.amqp_url, client_name="bench-preload").connect()
     try:
@@ -692,14 +634,7 @@ async def _preload_registrations(backing: Backing, count: int, token: str) -> No
         publisher = Publisher(await connection.channel())
         batch: list[OutgoingMessage] = []
         for i in range(count):
-            data = UserRegistered(
-                user_id=new_event_id(),
-                email=f"c-{token}-{i}@bench.example.com",
-                display_name="Bench",
-                locale="en",
-                channels=("email",),
-            )
-            event = new_event(data, source=USER_SERVICE_SOURCE, event_id=new_event_id())
+            event = user_registered(f"c-{token}-{i}@bench.example.com", display_name="Bench")
             batch.append(OutgoingMessage.for_event(event, exchange=topology.events_exchange))
             if len(batch) >= 500 or i == count - 1:
                 errors = [e for e in await publisher.publish_many(batch) if e is not None]

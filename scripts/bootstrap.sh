@@ -15,7 +15,7 @@
 #                  with apt when an apt source offers it, else a failure under CI and a
 #                  warning otherwise (Debian's own archive has no kubectl).
 #                  debootstrap (apt if missing): the fault harness builds a Debian 13 root with
-#                  RabbitMQ 4.0 from it once (tests/support/rabbitmq4.py; cached outside the repo).
+#                  RabbitMQ 4.0 from it once (courier_testing/rabbitmq4.py; cached outside the repo).
 #
 # Options:
 #   --no-sync        skip step 2
@@ -557,7 +557,7 @@ ensure_kubectl() {
     warn "$message"
 }
 
-# debootstrap: tests/support/rabbitmq4.py builds the RabbitMQ 4 root with it (once, cached in
+# debootstrap: courier_testing/rabbitmq4.py builds the RabbitMQ 4 root with it (once, cached in
 # ${XDG_CACHE_HOME:-~/.cache}/courier). Only installed here; the tests build the root.
 ensure_debootstrap() {
     if have debootstrap || [[ -x /usr/sbin/debootstrap ]]; then

@@ -18,7 +18,7 @@ from courier_common.messaging import (
     declare_topology,
     new_event,
 )
-from tests.support.fixtures import BrokerAdmin, BrokerVhost
+from courier_testing.backing import BrokerAdmin, BrokerVhost
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 HANDLER_BODY = '    print("registered:", event.id)'

@@ -42,8 +42,8 @@ from typing import Any
 import httpx
 import pytest
 
+from courier_testing.backing import BrokerAdmin, BrokerVhost
 from tests.support.deploy import ROOT, of_kind, render_objects
-from tests.support.fixtures import BrokerAdmin, BrokerVhost
 from tests.support.kube import (
     PortMap,
     broker_user,

@@ -21,9 +21,9 @@ import pytest
 
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from courier_testing.backing import AMQP_HOST, AMQP_PORT, BrokerAdmin
 from tests.support.archiver import ADMIN_TOKEN
 from tests.support.faults import add_report_row
-from tests.support.fixtures import AMQP_HOST, AMQP_PORT, BrokerAdmin
 from tests.support.processes import ServiceProcess, ServiceRunner
 from tests.support.stack import MAX_ATTEMPTS, RETRY_DELAYS
 

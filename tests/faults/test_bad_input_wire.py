@@ -27,15 +27,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import aio_pika
 import httpx
 import pytest
 from aio_pika.abc import AbstractExchange
 
-from courier_common.events import USER_SERVICE_SOURCE, UserRegistered
-from courier_common.messaging import new_event
+from courier_testing.events import user_registered
 from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN
 from tests.support.faults import FaultStack, add_report_row
@@ -78,15 +76,10 @@ class BadMessage:
 
 def registered_event(contact: dict[str, Any] | None = None, **changes: Any) -> dict[str, Any]:
     """A ``user.registered`` envelope as JSON, for a contact nobody registered."""
-    data = UserRegistered(
-        user_id=uuid4(),
-        email=f"wire-{secrets.token_hex(4)}@example.com",
-        display_name="Wire",
-        locale="en",
-        channels=("email",),
-        **(contact or {}),
+    event = user_registered(
+        f"wire-{secrets.token_hex(4)}@example.com", display_name="Wire", **(contact or {})
     )
-    document: dict[str, Any] = json.loads(new_event(data, source=USER_SERVICE_SOURCE).encode())
+    document: dict[str, Any] = json.loads(event.encode())
     for key, value in changes.items():
         if value is None:
             document.pop(key)

@@ -13,18 +13,33 @@ from courier_common.messaging import (
     AmqpConnection,
     ConsumerRunner,
     Event,
+    EventData,
     Publisher,
     PublishError,
     Router,
+    Topology,
+    WorkQueue,
     declare_topology,
     new_event,
 )
 from courier_common.metrics import MessagingMetrics
-from tests.support.helpers import eventually
-from tests.support.messaging import TOPOLOGY, WORK, Pinged
-from tests.support.private_services import PrivateRabbitMQ
+from courier_testing.polling import eventually
+from courier_testing.private_services import PrivateRabbitMQ
 
 pytestmark = pytest.mark.fault
+
+
+class Pinged(EventData):
+    """The event these tests publish and consume (no service's: the library alone is tested)."""
+
+    event_type = "test.pinged"
+    event_version = 1
+
+    n: int
+
+
+WORK = WorkQueue(name="courier-test.restart", binding_keys=("test.*",))
+TOPOLOGY = Topology(work_queues=(WORK,))
 
 
 @pytest.fixture
@@ -69,6 +84,7 @@ async def test_broker_killed_and_restarted_loses_no_confirmed_message(
     await runner.start()
     publisher = Publisher(await connection.channel(), confirm_timeout=5)
     confirmed: list[UUID] = []
+    refused: list[PublishError] = []
 
     async def publish_until_confirmed(n: int) -> None:
         """What the outbox relay does: keep the event until the broker confirms it."""
@@ -76,7 +92,8 @@ async def test_broker_killed_and_restarted_loses_no_confirmed_message(
         while True:
             try:
                 await publisher.publish_event(event)
-            except PublishError:
+            except PublishError as exc:
+                refused.append(exc)
                 await asyncio.sleep(0.2)
                 continue
             confirmed.append(event.id)
@@ -90,7 +107,7 @@ async def test_broker_killed_and_restarted_loses_no_confirmed_message(
     producer = asyncio.create_task(produce(0, 150))
     await eventually(lambda: len(confirmed) >= 30, what="30 confirmed before the kill")
     await asyncio.to_thread(private_rabbitmq.kill)
-    await asyncio.sleep(1)
+    await eventually(lambda: len(refused) >= 2, timeout=30, what="publishes to the dead broker")
     assert not producer.done()  # it is waiting for the broker, holding its event
     await asyncio.to_thread(private_rabbitmq.start)
     await asyncio.wait_for(producer, 120)

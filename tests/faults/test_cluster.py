@@ -13,9 +13,9 @@ import time
 
 import pytest
 
+from courier_testing.private_services import PrivateRabbitMQ
 from tests.support.cluster import ClusterFaultStack, RabbitCluster
 from tests.support.load import RegistrationLoad
-from tests.support.private_services import PrivateRabbitMQ
 
 pytestmark = pytest.mark.fault
 

@@ -1,6 +1,6 @@
 """F11: a bad network between the services and the broker, through a TCP proxy.
 
-Every service reaches the private broker through `TcpProxy` (tests/support/tcp_proxy.py),
+Every service reaches the private broker through `TcpProxy` (courier_testing.tcp_proxy),
 which resets connections, refuses new ones, adds latency or swallows everything (a
 partition) while users register. The management API is reached directly: the test's own
 view of the queues stays clear.
@@ -14,10 +14,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from courier_testing.private_services import PrivateRabbitMQ
+from courier_testing.tcp_proxy import TcpProxy
 from tests.support.faults import FaultStack
 from tests.support.load import RegistrationLoad
-from tests.support.private_services import PrivateRabbitMQ
-from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.fault
 

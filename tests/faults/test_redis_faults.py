@@ -41,9 +41,9 @@ import httpx
 import pytest
 import redis
 
+from courier_testing.private_services import PrivateRedis
 from tests.support.faults import FaultStack
 from tests.support.ledger import Ledger
-from tests.support.private_services import PrivateRedis
 from user_service.models import email_key
 
 pytestmark = pytest.mark.fault

@@ -2,7 +2,7 @@
 
 Every service of the stack reaches Redis through three private Sentinels (quorum 2) watching
 a primary and one replica, both ``appendonly yes`` / ``appendfsync always``
-(tests/support/sentinel.py), with ``COURIER_REDIS_MIN_REPLICAS`` at its Sentinel default, 1,
+(courier_testing.sentinel), with ``COURIER_REDIS_MIN_REPLICAS`` at its Sentinel default, 1,
 and a 500 ms replica timeout.
 
 * R1: the primary is SIGKILLed. Sentinel promotes the replica; the dead node comes back as a
@@ -33,6 +33,7 @@ from collections.abc import Callable
 import pytest
 import redis
 
+from courier_testing.sentinel import RedisNode, RedisSentinelGroup, redis_sentinel_group
 from tests.faults.test_redis_faults import (
     PREFETCH,
     Answer,
@@ -42,13 +43,7 @@ from tests.faults.test_redis_faults import (
 )
 from tests.support.faults import FaultStack
 from tests.support.ledger import Ledger
-from tests.support.sentinel import (
-    RedisNode,
-    RedisSentinelGroup,
-    redis_sentinel_group,
-    sentinel_env,
-    sentinel_fault_stack,
-)
+from tests.support.sentinel import sentinel_env, sentinel_fault_stack
 
 pytestmark = pytest.mark.fault
 _FIXTURES = (redis_sentinel_group, sentinel_env, sentinel_fault_stack)

@@ -29,10 +29,11 @@ def test_worker_killed_at_random_during_load(fault_stack: FaultStack) -> None:
         done.set()
 
     # Somewhere inside the burst, from a seed that is printed (shown when the test fails) and
-    # that COURIER_FAULT_SEED replays.
+    # kept in the report row, and that COURIER_FAULT_SEED replays.
     seed = int(os.environ.get("COURIER_FAULT_SEED") or secrets.randbits(32))
     delay = random.Random(seed).uniform(0.5, 2.0)
     print(f"F1 random kill after {delay:.3f} s (COURIER_FAULT_SEED={seed} replays it)")
+    ledger.scenario += f" (kill at {delay:.3f} s, COURIER_FAULT_SEED={seed})"
     loader = threading.Thread(target=load)
     loader.start()
     time.sleep(delay)

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support.private_services import (
+from courier_testing.private_services import (
     PrivateRabbitMQ,
     PrivateRedis,
     PrivateServiceError,
@@ -29,7 +29,6 @@ from tests.support.private_services import (
 
 pytestmark = pytest.mark.fault
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_AMQP_PORT = 5672
 SHARED_REDIS_PORT = 6379
 
@@ -301,7 +300,7 @@ def test_fixture_fails_when_binaries_missing(
     tmp_path: Path, fixture: str, env: dict[str, str], expected: str
 ) -> None:
     (tmp_path / "conftest.py").write_text(
-        "from tests.support.private_services import private_rabbitmq, private_redis  # noqa\n"
+        "from courier_testing.private_services import private_rabbitmq, private_redis  # noqa\n"
     )
     (tmp_path / "test_it.py").write_text(
         textwrap.dedent(
@@ -314,7 +313,7 @@ def test_fixture_fails_when_binaries_missing(
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
         cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "CI": "true", **env},
+        env={**os.environ, "CI": "true", **env},
         capture_output=True,
         text=True,
         timeout=120,
@@ -333,7 +332,7 @@ def test_orphans_of_a_dead_test_process_are_swept(tmp_path: Path) -> None:
         script = textwrap.dedent(
             f"""
             import os, pathlib
-            from tests.support.private_services import PrivateRedis
+            from courier_testing.private_services import PrivateRedis
             server = PrivateRedis(pathlib.Path({str(tmp_path)!r}))
             server.start()
             print(server.pid, flush=True)
@@ -342,7 +341,6 @@ def test_orphans_of_a_dead_test_process_are_swept(tmp_path: Path) -> None:
         )
         done = subprocess.run(
             [sys.executable, "-c", script],
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
             capture_output=True,
             text=True,
             timeout=60,

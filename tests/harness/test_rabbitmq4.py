@@ -13,8 +13,8 @@ from pathlib import Path
 import aio_pika
 import pytest
 
-from tests.support.private_services import PrivateRabbitMQ, _all_procs
-from tests.support.rabbitmq4 import RabbitMQ4Root, debian_mirror, start_rabbitmq4_node
+from courier_testing.private_services import PrivateRabbitMQ, _all_procs
+from courier_testing.rabbitmq4 import RabbitMQ4Root, debian_mirror, start_rabbitmq4_node
 
 pytestmark = pytest.mark.fault
 

@@ -1,4 +1,4 @@
-"""The private Sentinel group of tests/support/sentinel.py: what it starts, and how it fails.
+"""The private Sentinel group of courier_testing.sentinel: what it starts, and how it fails.
 
 The group itself is exercised by every Sentinel test (libs/common/tests/test_redis.py, the
 user-service replication tests, R1 and R2); here: it is private, and without redis-server
@@ -17,11 +17,10 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support.sentinel import RedisSentinelGroup, redis_sentinel_group
+from courier_testing.sentinel import RedisSentinelGroup, redis_sentinel_group
 
 pytestmark = pytest.mark.fault
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 _FIXTURES = (redis_sentinel_group,)
 
 
@@ -48,7 +47,7 @@ def test_the_group_is_private_and_stops_with_its_fixture(tmp_path: Path) -> None
 
 def test_the_fixture_fails_without_redis_server(tmp_path: Path) -> None:
     (tmp_path / "conftest.py").write_text(
-        "from tests.support.sentinel import redis_sentinel_group  # noqa: F401\n"
+        "from courier_testing.sentinel import redis_sentinel_group  # noqa: F401\n"
     )
     (tmp_path / "test_it.py").write_text(
         textwrap.dedent(
@@ -63,7 +62,6 @@ def test_the_fixture_fails_without_redis_server(tmp_path: Path) -> None:
         cwd=tmp_path,
         env={
             **os.environ,
-            "PYTHONPATH": str(REPO_ROOT),
             "CI": "true",
             "COURIER_REDIS_SERVER": "no-such-redis-server",
         },

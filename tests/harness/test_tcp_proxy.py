@@ -1,4 +1,4 @@
-"""The fault suite's TCP proxy (tests/support/tcp_proxy.py) against a plain echo server."""
+"""The fault suite's TCP proxy (courier_testing.tcp_proxy) against a plain echo server."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.tcp_proxy import TcpProxy
+from courier_testing.tcp_proxy import TcpProxy
 
 
 class _EchoHandler(socketserver.BaseRequestHandler):

@@ -27,9 +27,9 @@ import httpx
 import pytest
 import redis
 
+from courier_testing.backing import REDIS_URL, BrokerAdmin, BrokerVhost
 from tests.images.conftest import Engine
 from tests.support.deploy import CHART_DIR, NAMESPACE, RELEASE, load_yaml_docs, of_kind
-from tests.support.fixtures import REDIS_URL, BrokerAdmin, BrokerVhost
 from tests.support.kube import broker_user, container_port, free_port, resolve_env
 
 CHART_KEYS = {

@@ -31,11 +31,11 @@ import yaml
 
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from courier_testing.private_services import PrivateRabbitMQ
 from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN
 from tests.support.chain import SERVICES, Chain, start_chain
 from tests.support.deploy import of_kind, render_objects
-from tests.support.private_services import PrivateRabbitMQ
 from tests.support.processes import ServiceRunner
 from tests.support.prometheus import PrometheusServer
 

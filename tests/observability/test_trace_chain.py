@@ -31,11 +31,7 @@ from courier_common.messaging.tracing import (
 from courier_common.tracing import ERROR_TYPE, SERVER_ADDRESS, SERVER_PORT
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
-from notification_service.routes import USER_EVENTS_QUEUE
-from tests.support.archiver import ADMIN, wait_records
-from tests.support.chain import SERVICES, start_chain
-from tests.support.helpers import eventually
-from tests.support.otlp import (
+from courier_testing.otlp import (
     ReceivedSpan,
     TraceReceiver,
     children_of,
@@ -43,6 +39,10 @@ from tests.support.otlp import (
     otlp_env,
     otlp_receiver,
 )
+from courier_testing.polling import eventually
+from notification_service.routes import USER_EVENTS_QUEUE
+from tests.support.archiver import ADMIN, wait_records
+from tests.support.chain import SERVICES, start_chain
 from tests.support.processes import ServiceProcess, ServiceRunner
 from tests.support.stack import RETRY_DELAYS
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
+from courier_testing.polling import eventually
 from dlq_archiver.config import Settings
 from dlq_archiver.main import create_app
-from tests.support.helpers import eventually
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 

@@ -15,6 +15,7 @@ import pytest
 
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from courier_testing.env import backing_env
 from tests.support.archiver import ADMIN_TOKEN
 from tests.support.processes import ServiceProcess, ServiceRunner
 from tests.support.stack import MAX_ATTEMPTS, RETRY_DELAYS
@@ -64,9 +65,7 @@ def start_chain(
     *service_env* to one service by name (applied last).
     """
     common = {
-        "COURIER_AMQP_URL": amqp_url,
-        "COURIER_REDIS_URL": redis_url,
-        "COURIER_REDIS_PREFIX": redis_prefix,
+        **backing_env(amqp_url, redis_url, redis_prefix),
         "COURIER_RETRY_DELAYS_SECONDS": str(RETRY_DELAYS),
         "COURIER_RETRY_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
         **({"COURIER_AMQP_MANAGEMENT_URL": management_url} if management_url else {}),

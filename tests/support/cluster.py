@@ -29,9 +29,7 @@ import pytest
 
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
-from tests.support.chain import start_chain
-from tests.support.faults import FaultStack
-from tests.support.private_services import (
+from courier_testing.private_services import (
     Lifecycle,
     PrivateEpmd,
     PrivateRabbitMQ,
@@ -39,6 +37,8 @@ from tests.support.private_services import (
     PrivateServiceError,
     _missing_rabbitmq,
 )
+from tests.support.chain import start_chain
+from tests.support.faults import FaultStack
 from tests.support.processes import ServiceRunner
 
 __all__ = ["RabbitCluster", "cluster_stack", "rabbit_cluster"]

@@ -1,10 +1,11 @@
-"""The fault suite's plumbing: the whole stack on private servers, the matrix switch, the report.
+"""The fault suite's plumbing: the whole stack on private servers, and the report.
 
 * ``fault_stack``: a private RabbitMQ (management + prometheus plugins) and a private Redis
   (AOF on), the SMTP and HTTP sinks, and the three services as processes wired to them. Faults
   are done to these; the shared servers are never touched.
 * ``@pytest.mark.matrix``: part of the full matrix, which only ``make faults`` runs
-  (``--fault-matrix``); ``make test`` runs the rest of ``tests/faults`` (the fast subset).
+  (``--fault-matrix``, the switch is `courier_testing.matrix`); ``make test`` runs the rest of
+  ``tests/faults`` (the fast subset).
 * ``FaultStack.check``: settles the ledger (tests/support/ledger.py), asserts lost = 0,
   unexpected = 0, duplicates within the bound and every queue and the outbox empty, and adds
   the scenario's row to the report that the session prints and writes (``--fault-report``,
@@ -28,11 +29,11 @@ import pytest
 
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from courier_testing.private_services import PrivateRabbitMQ, PrivateRedis
+from courier_testing.rabbitmq4 import start_rabbitmq4_node
 from tests.support.chain import Chain, start_chain
 from tests.support.ledger import Ledger, Tally
-from tests.support.private_services import PrivateRabbitMQ, PrivateRedis
 from tests.support.processes import ServiceRunner
-from tests.support.rabbitmq4 import start_rabbitmq4_node
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_REPORT = REPO / "var" / "faults" / "report.md"
@@ -58,33 +59,11 @@ _rows: list[dict[str, Any]] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("courier faults")
-    group.addoption(
-        "--fault-matrix",
-        action="store_true",
-        default=False,
-        help="also run the full fault matrix (@pytest.mark.matrix); make faults sets it",
-    )
-    group.addoption(
+    parser.getgroup("courier faults").addoption(
         "--fault-report",
         default=None,
         help=f"where the fault report goes (Markdown; JSON beside it); default {DEFAULT_REPORT}",
     )
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "matrix: part of the full fault matrix; only make faults (--fault-matrix)"
-    )
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if config.getoption("--fault-matrix"):
-        return
-    deselected = [item for item in items if item.get_closest_marker("matrix")]
-    if deselected:
-        config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if not item.get_closest_marker("matrix")]
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:

@@ -19,9 +19,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
+from courier_testing.backing import USER as BROKER_ADMIN_USER
+from courier_testing.backing import BrokerAdmin, BrokerVhost, alive
 from tests.support.deploy import of_kind
-from tests.support.fixtures import USER as BROKER_ADMIN_USER
-from tests.support.fixtures import BrokerAdmin, BrokerVhost, alive
 
 TEST_USER_PREFIX = "courier-test-run-"
 _VAR_REF = re.compile(r"\$\((\w+)\)|\$\$")

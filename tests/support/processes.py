@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,14 +19,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from courier_testing.env import process_env
+from courier_testing.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -115,15 +110,7 @@ class ServiceRunner:
         timeout: float = 60,
     ) -> ServiceProcess:
         port = port or free_port()
-        full_env = {
-            **os.environ,
-            "COURIER_HTTP_HOST": "127.0.0.1",
-            "COURIER_HTTP_PORT": str(port),
-            "COURIER_LOG_FORMAT": "json",
-            "COURIER_ENVIRONMENT": "test",
-            "OTEL_TRACES_EXPORTER": "none",
-            **env,
-        }
+        full_env = {**os.environ, **process_env(port), **env}
         service = ServiceProcess(
             name=name,
             port=port,

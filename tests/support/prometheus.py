@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.processes import free_port
+from courier_testing.ports import free_port
 
 
 def require_binary(name: str) -> str:

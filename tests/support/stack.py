@@ -9,16 +9,22 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aio_pika
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 
 import notification_service.main
 import user_service.main
+from courier_common.messaging import AmqpConnection
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from courier_testing.env import backing_env
+from courier_testing.events import EventTap
+from courier_testing.metrics import sample
+from courier_testing.polling import eventually
 from notification_service.config import Settings as NotifierSettings
-from tests.support.helpers import eventually
+from notification_service.routes import USER_EVENTS_QUEUE
 from user_service.config import Settings as UserSettings
 
 #: Short retry tiers with the production shape; every service must share them.
@@ -96,13 +102,23 @@ async def stack(
         yield stack
 
 
+@pytest.fixture
+async def event_tap(amqp_url: str) -> AsyncIterator[EventTap]:
+    """What user-service emits on ``courier.events`` (``user.*``), in a queue of the test's."""
+    connection = await AmqpConnection(amqp_url, client_name="tap").connect()
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(
+        "courier.events", aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue("test.tap", exclusive=True)
+    await queue.bind(exchange, "user.*")
+    yield EventTap(channel, queue)
+    await connection.close()
+
+
 def service_env(settings: NotifierSettings | UserSettings) -> dict[str, str]:
     """The same settings as environment variables, for a service run as a process."""
-    env = {
-        "COURIER_AMQP_URL": settings.amqp_url,
-        "COURIER_REDIS_URL": settings.redis_url,
-        "COURIER_REDIS_PREFIX": settings.redis_prefix,
-    }
+    env = backing_env(settings.amqp_url, settings.redis_url, settings.redis_prefix)
     if isinstance(settings, NotifierSettings):
         env |= {
             "COURIER_RETRY_DELAYS_SECONDS": str(settings.retry_delays_seconds),
@@ -135,16 +151,22 @@ class Stack:
 
     async def metric(self, name: str, **labels: str) -> float:
         """A sample from the notifier's /metrics (0 when the series does not exist yet)."""
-        text = (await self.notifier.get("/metrics")).text
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        for line in text.splitlines():
-            if line.startswith("#") or " " not in line:
-                continue
-            series, value = line.rsplit(" ", 1)
-            metric, _, rest = series.partition("{")
-            if metric != name:
-                continue
-            found = ",".join(sorted(p for p in rest.rstrip("}").split(",") if p))
-            if found == wanted:
-                return float(value)
-        return 0.0
+        return sample((await self.notifier.get("/metrics")).text, name, **labels)
+
+    async def consumed(self, outcome: str, count: int, event_type: str = "user.registered") -> None:
+        """Until the notifier has settled *count* deliveries of *event_type* with *outcome*.
+
+        Counted once the settlement is applied: after the last of them nothing about those
+        deliveries can happen any more, so what a test asserts next is final, not just early.
+        """
+
+        async def settled() -> bool:
+            value = await self.metric(
+                "courier_messages_consumed_total",
+                queue=USER_EVENTS_QUEUE,
+                event_type=event_type,
+                outcome=outcome,
+            )
+            return value == count
+
+        await eventually(settled, timeout=20, what=f"{count} {event_type} {outcome}")

@@ -1,5 +1,11 @@
-"""Fixtures for courier_common's tests: a real connection and topology in a private vhost, and
-a private tracer provider.
+"""Fixtures for courier_common's tests, on their own: run from here or from the repository.
+
+The shared broker's vhost and Redis prefix, the private servers and the RabbitMQ 4 node come
+from the test kit's plugins (courier_testing: loaded by libs/common/pyproject.toml's pytest
+configuration here, by the repository's conftest there); nothing here needs the repository's
+tests/ or a service.
+A connection to the shared broker, and ``spans``, a private tracer provider for the tracing
+tests.
 """
 
 from __future__ import annotations
@@ -7,42 +13,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from aio_pika.abc import AbstractRobustChannel
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Tracer
-from prometheus_client import CollectorRegistry
 
-from courier_common.messaging import AmqpConnection, declare_topology
-from courier_common.messaging.topology import DeclaredTopology
-from courier_common.metrics import MessagingMetrics
-from tests.support.fixtures import BrokerAdmin
-from tests.support.messaging import TOPOLOGY
-from tests.support.private_services import PrivateRabbitMQ
+from courier_common.messaging import AmqpConnection
+from courier_testing.backing import BrokerAdmin
+from courier_testing.private_services import PrivateRabbitMQ
 
 
 @pytest.fixture
 async def connection(amqp_url: str) -> AsyncIterator[AmqpConnection]:
+    """A real connection to the shared broker, in this test's own vhost."""
     conn = await AmqpConnection(amqp_url, client_name="courier-tests").connect(timeout=10)
     yield conn
     await conn.close()
-
-
-@pytest.fixture
-async def declared(connection: AmqpConnection) -> DeclaredTopology:
-    channel = await connection.channel()
-    return await declare_topology(channel, TOPOLOGY)
-
-
-@pytest.fixture
-async def channel(connection: AmqpConnection) -> AbstractRobustChannel:
-    return await connection.channel()
-
-
-@pytest.fixture
-def metrics() -> MessagingMetrics:
-    return MessagingMetrics(CollectorRegistry())
 
 
 @pytest.fixture
@@ -65,9 +51,9 @@ def spans() -> Iterator[tuple[Tracer, InMemorySpanExporter]]:
 def broker_admin(request: pytest.FixtureRequest, broker_admin: BrokerAdmin) -> BrokerAdmin:
     """Every test here that needs a broker runs on the shared 3.10 and on RabbitMQ 4.0 (V4).
 
-    The 4.0 node is one private node in a chroot for the session (tests/support/rabbitmq4.py);
+    The 4.0 node is one private node in a chroot for the session (courier_testing.rabbitmq4);
     each test gets its own vhost there, as on the shared broker. ``broker_admin`` on the right
-    is the shared broker's, from tests/support/fixtures.py.
+    is the shared broker's, from courier_testing.fixtures.
     """
     if request.param == "3.10":
         return broker_admin

@@ -13,7 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from courier_common.batching import CommandBatcher
-from tests.support.fixtures import REDIS_URL
+from courier_testing.backing import REDIS_URL
 
 
 @pytest.fixture

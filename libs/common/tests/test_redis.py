@@ -25,8 +25,8 @@ from courier_common.redis import (
     parse_sentinels,
 )
 from courier_common.settings import CourierSettings
-from tests.support.private_services import PrivateRedis
-from tests.support.sentinel import SERVICE, RedisSentinelGroup
+from courier_testing.private_services import PrivateRedis
+from courier_testing.sentinel import SERVICE, RedisSentinelGroup
 
 # --- settings and parsing (no server) -----------------------------------------------------
 

@@ -18,7 +18,7 @@ from courier_common.messaging import AmqpConnection, Topology
 from courier_common.metrics import service_registry
 from courier_common.service import Parts, Resources, service_app
 from courier_common.settings import CourierSettings
-from tests.support.helpers import eventually
+from courier_testing.polling import eventually
 
 SERVICE_PROCESS = Path(__file__).with_name("service_process.py")
 

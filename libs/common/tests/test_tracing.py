@@ -31,7 +31,7 @@ from courier_common.tracing import (
     operation_span,
     record_failure,
 )
-from tests.support.otlp import TraceReceiver, otlp_receiver
+from courier_testing.otlp import TraceReceiver, otlp_receiver
 
 EMAIL = "alice.smith@example.com"
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736

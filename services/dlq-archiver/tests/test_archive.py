@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import aio_pika
@@ -10,9 +9,9 @@ import httpx
 
 from courier_common.messaging import AmqpConnection
 from courier_sinks.smtp import SmtpSink
+from courier_testing.polling import eventually
 from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN, records, wait_records
-from tests.support.helpers import eventually
 from tests.support.stack import Stack
 
 
@@ -59,7 +58,7 @@ async def test_replay_after_the_fix_sends_once_even_when_replayed_twice(
     await eventually(lambda: len(smtp_sink.messages) == 1, what="the replayed welcome")
     second = await archiver.post(f"/v1/dead-letters/{summary['id']}/replay", headers=ADMIN)
     assert second.status_code == 202
-    await asyncio.sleep(1.5)
+    await stack.consumed("duplicate", 1)  # the second replay reached the notifier, skipped
     assert len(smtp_sink.messages) == 1  # the notifier's idempotency: sent once
     record = (await archiver.get(f"/v1/dead-letters/{summary['id']}")).json()
     assert record["status"] == "replayed"
@@ -117,13 +116,16 @@ async def test_the_same_dead_letter_twice_is_one_record(
     finally:
         await connection.close()
     await wait_records(archiver, 1)
-    await asyncio.sleep(1)
+
+    async def both_seen() -> bool:  # the second copy was read too, and recognised
+        metrics = (await archiver.get("/metrics")).text
+        return "courier_dead_letters_duplicate_total 1.0" in metrics
+
+    await eventually(both_seen, what="the second copy, counted as a duplicate")
     [only] = await records(archiver)
     record = (await archiver.get(f"/v1/dead-letters/{only['id']}")).json()
     assert record["body"] is None  # not text: kept byte for byte
     assert record["body_b64"] == "//4gbm90IHV0Zi04"
-    metrics = (await archiver.get("/metrics")).text
-    assert "courier_dead_letters_duplicate_total 1.0" in metrics
 
 
 async def test_changes_need_the_admin_token(

@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 
 from courier_sinks.smtp import SmtpSink
+from courier_testing.polling import eventually
 from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN, ADMIN_TOKEN, records, wait_records
-from tests.support.helpers import eventually
 from tests.support.processes import ServiceRunner
 from tests.support.stack import Stack
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import aio_pika
@@ -12,9 +11,9 @@ from aio_pika.abc import AbstractQueue
 
 from courier_common.messaging import EVENTS_EXCHANGE, AmqpConnection
 from courier_sinks.smtp import SmtpSink
+from courier_testing.polling import eventually
 from notification_service.routes import USER_EVENTS_QUEUE
 from tests.support.archiver import ADMIN, records, wait_records
-from tests.support.helpers import eventually
 from tests.support.stack import Stack
 
 BYSTANDER = "courier-test.bystander"
@@ -76,7 +75,9 @@ async def test_a_replay_reaches_the_failed_consumer_only_once_and_bulk_too(
 
     await eventually(completed, what="the bulk replay")
     await eventually(lambda: len(smtp_sink.messages) == 1, what="the replayed welcome")
-    await asyncio.sleep(1.5)  # anything misrouted or sent twice would have arrived by now
+    await stack.consumed("acked", 1)  # the replayed delivery is settled: nothing of it is left
+    # A misrouted copy would be there already: a replay is confirmed once it is in every
+    # queue it was routed to, and the job completed only after that.
     assert await drain(bystander) == []
     assert len(smtp_sink.messages) == 1  # the welcome, once
     assert sorted(r["status"] for r in await records(archiver)) == ["replay-failed", "replayed"]

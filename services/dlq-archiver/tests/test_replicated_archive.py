@@ -21,11 +21,11 @@ import redis
 from courier_common.events import USER_SERVICE_SOURCE, UserDeleted
 from courier_common.messaging import new_event, new_event_id
 from courier_common.redis import Durability, NotReplicatedError, connect
+from courier_testing.private_services import PrivateRedis
+from courier_testing.sentinel import RedisSentinelGroup, redis_sentinel_group
 from dlq_archiver.erasure import Eraser
 from dlq_archiver.records import DeadLetterRecord, fingerprint
 from dlq_archiver.store import Archive
-from tests.support.private_services import PrivateRedis
-from tests.support.sentinel import RedisSentinelGroup, redis_sentinel_group
 
 pytestmark = pytest.mark.fault
 _FIXTURES = (redis_sentinel_group,)

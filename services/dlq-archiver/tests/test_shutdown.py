@@ -3,22 +3,22 @@ replays, and a dead letter it cannot store yet goes back to the queue."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 import aio_pika
 import httpx
 import redis.asyncio
+import structlog
 from asgi_lifespan import LifespanManager
 
 from courier_common.messaging import DEAD_LETTER_QUEUE, AmqpConnection
+from courier_testing.polling import eventually
+from courier_testing.private_services import PrivateRedis
 from dlq_archiver.config import Settings
 from dlq_archiver.main import create_app
 from dlq_archiver.store import Archive, Filter
 from tests.support.archiver import ADMIN, records, wait_records
-from tests.support.helpers import eventually
-from tests.support.private_services import PrivateRedis
 
 SOURCE_QUEUE = "courier-test.source"
 
@@ -123,14 +123,19 @@ async def test_stopping_while_redis_is_away_gives_the_dead_letter_back(
 
             await eventually(ready, timeout=30, what="the archiver to consume")
             private_redis.stop()
-            await dead_letters(amqp_url, 1)
+            with structlog.testing.capture_logs() as logs:
+                await dead_letters(amqp_url, 1)
 
-            async def held() -> bool:
-                ready_now, consumers = await counts()
-                return ready_now == 0 and consumers == 1
+                async def held() -> bool:
+                    ready_now, consumers = await counts()
+                    return ready_now == 0 and consumers == 1
 
-            await eventually(held, what="the archiver to hold the dead letter")
-            await asyncio.sleep(0.5)  # it is retrying the store meanwhile
+                def retrying() -> bool:  # two stores failed: it held on through a backoff
+                    failed = [e for e in logs if e["event"] == "archive_store_failed"]
+                    return len(failed) >= 2
+
+                await eventually(held, what="the archiver to hold the dead letter")
+                await eventually(retrying, what="the archiver to retry the store")
 
         # Stopped: the delivery was given back, not acked and not dropped.
         async def given_back() -> bool:

@@ -17,10 +17,10 @@ from prometheus_client import CollectorRegistry
 from courier_common.events import USER_SERVICE_SOURCE, UserDeleted
 from courier_common.messaging import IdempotencyStore, new_event, new_event_id
 from courier_common.redis import Durability, NotReplicatedError, connect
+from courier_testing.private_services import PrivateRedis
 from notification_service.handlers import NotificationMetrics, Notifier
 from notification_service.rendering import Renderer
 from notification_service.senders import EmailSender, HttpProvider
-from tests.support.private_services import PrivateRedis
 
 pytestmark = pytest.mark.fault
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from courier_common.messaging import AmqpConnection
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from courier_testing.polling import eventually, get_all, ready_count
 from notification_service.routes import USER_EVENTS_QUEUE
-from tests.support.helpers import eventually, get_all, ready_count
 from tests.support.stack import Stack
 
 
@@ -67,7 +66,7 @@ async def test_smtp_451_twice_then_delivered_once_after_the_tiers(
     await stack.register("grace@example.com")
     await wait_mail(smtp_sink, 1)
     elapsed = time.monotonic() - started
-    await asyncio.sleep(1.5)
+    await stack.consumed("acked", 1)  # the attempt that sent it is settled: no more to come
     assert len(smtp_sink.messages) == 1
     assert elapsed >= 0.3 + 0.6  # waited in the first two retry tiers
     retried = await stack.metric(
@@ -95,7 +94,7 @@ async def test_smtp_550_is_dead_lettered_once_without_retry(
         assert "SMTP 550" in str(dead.headers["x-courier-failure-reason"])
         assert dead.headers["x-courier-attempt"] == 1
         assert dead.headers["x-courier-original-routing-key"] == "user.registered"
-        await asyncio.sleep(1.5)
+        await stack.consumed("dead_lettered", 1)  # settled: it cannot come back
         assert await ready_count(channel, "courier.dead-letters") == 0  # once, not again
     finally:
         await connection.close()
@@ -111,7 +110,7 @@ async def test_email_sent_once_while_sms_retries_through_two_503s(
     http_sink.fail_next(2, 503, path="/sms")
     await stack.register("ada@example.com", channels=["email", "sms"], phone="+14155552671")
     await eventually(lambda: len(http_sink.deliveries) == 1, timeout=20, what="the SMS")
-    await asyncio.sleep(1.5)
+    await stack.consumed("acked", 1)  # the third attempt, which sent the SMS, is settled
     assert len(smtp_sink.messages) == 1
     assert [r["status"] for r in http_sink.requests] == [503, 503, 202]
     assert len(http_sink.deliveries) == 1
@@ -141,7 +140,7 @@ async def test_newly_enabled_channel_gets_a_confirmation_and_nothing_else(
     assert http_sink.deliveries[0]["body"]["title"] == "Notifications are on"
     renamed = await stack.users.patch(f"/v1/users/{user['id']}", json={"display_name": "Ada L"})
     assert renamed.status_code == 200
-    await asyncio.sleep(1)
+    await stack.consumed("acked", 2, event_type="user.updated")  # the rename, handled
     assert len(smtp_sink.messages) == 1
     assert len(http_sink.deliveries) == 1
 
@@ -154,16 +153,7 @@ async def test_a_deleted_user_gets_no_late_welcome(
     await eventually(lambda: len(http_sink.requests) == 1, what="the first SMS attempt")
     assert (await stack.users.delete(f"/v1/users/{user['id']}")).status_code == 204
 
-    async def retry_handled() -> bool:  # the retry came back after the erasure, and was acked
-        acked = await stack.metric(
-            "courier_messages_consumed_total",
-            queue=USER_EVENTS_QUEUE,
-            event_type="user.registered",
-            outcome="acked",
-        )
-        return acked == 1
-
-    await eventually(retry_handled, timeout=20, what="the retry of the welcome")
+    await stack.consumed("acked", 1)  # the retry came back after the erasure, and was acked
     assert http_sink.deliveries == []
     assert len(http_sink.requests) == 1  # the retry did not even try the provider
 

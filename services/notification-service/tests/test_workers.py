@@ -11,9 +11,10 @@ import httpx
 from courier_common.messaging import AmqpConnection
 from courier_sinks.http import HttpSink
 from courier_sinks.smtp import SmtpSink
+from courier_testing.metrics import sample
+from courier_testing.polling import eventually, ready_count
 from notification_service.config import Settings as NotifierSettings
 from notification_service.routes import USER_EVENTS_QUEUE
-from tests.support.helpers import eventually, ready_count
 from tests.support.processes import ServiceProcess, ServiceRunner
 from tests.support.stack import service_env
 from user_service.config import Settings as UserSettings
@@ -34,11 +35,22 @@ async def register_many(service: ServiceProcess, emails: list[str]) -> None:
     assert Counter(statuses) == {201: len(emails)}
 
 
+def metric(service: ServiceProcess, name: str, **labels: str) -> float:
+    return sample(httpx.get(f"{service.url}/metrics").text, name, **labels)
+
+
 def sent_count(service: ServiceProcess) -> float:
-    for line in httpx.get(f"{service.url}/metrics").text.splitlines():
-        if line.startswith('courier_notifications_total{channel="email",outcome="sent"}'):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return metric(service, "courier_notifications_total", channel="email", outcome="sent")
+
+
+def acked_count(service: ServiceProcess) -> float:
+    return metric(
+        service,
+        "courier_messages_consumed_total",
+        queue=USER_EVENTS_QUEUE,
+        event_type="user.registered",
+        outcome="acked",
+    )
 
 
 async def test_two_workers_share_the_queue_and_send_each_email_once(
@@ -57,7 +69,10 @@ async def test_two_workers_share_the_queue_and_send_each_email_once(
     await eventually(
         lambda: len(smtp_sink.messages) >= 500, timeout=120, interval=0.2, what="500 emails"
     )
-    await asyncio.sleep(1.5)  # a duplicate would show up now
+    # Every registration's delivery acked: no copy of one is left to be sent.
+    await eventually(
+        lambda: sum(acked_count(w) for w in workers) == 500, what="500 deliveries acked"
+    )
     recipients = Counter(m["rcpt_tos"][0] for m in smtp_sink.messages)
     assert set(recipients) == set(emails)
     assert max(recipients.values()) == 1

@@ -20,8 +20,8 @@ import redis.asyncio
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from courier_common.messaging import AmqpConnection
-from tests.support.helpers import eventually
-from tests.support.private_services import PrivateRabbitMQ
+from courier_testing.polling import eventually
+from courier_testing.private_services import PrivateRabbitMQ
 from tests.support.processes import ServiceRunner
 
 pytestmark = pytest.mark.fault

@@ -10,15 +10,20 @@ from collections import Counter
 
 import httpx
 import pytest
+import redis.asyncio
 
-from tests.support.helpers import EventTap, user_payload
+from courier_testing.events import EventTap
+from tests.support.helpers import outbox_emptied, user_payload
 
 TRACEPARENT = re.compile(r"^00-(?P<trace>[0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 async def test_registration_emits_one_user_registered_event(
-    client: httpx.AsyncClient, event_tap: EventTap
+    client: httpx.AsyncClient,
+    event_tap: EventTap,
+    redis_client: redis.asyncio.Redis,
+    redis_prefix: str,
 ) -> None:
     response = await client.post(
         "/v1/users",
@@ -39,7 +44,7 @@ async def test_registration_emits_one_user_registered_event(
     assert uuid.UUID(user["id"]).version == 7
 
     [message] = await event_tap.collect(1)
-    await asyncio.sleep(0.3)
+    await outbox_emptied(redis_client, redis_prefix)
     assert len(await event_tap.collect(1)) == 1  # and no second one
     body = json.loads(message.body)
     assert body["specversion"] == "1.0"
@@ -70,7 +75,10 @@ async def test_registration_emits_one_user_registered_event(
 
 
 async def test_concurrent_registrations_claim_each_email_once(
-    client: httpx.AsyncClient, event_tap: EventTap
+    client: httpx.AsyncClient,
+    event_tap: EventTap,
+    redis_client: redis.asyncio.Redis,
+    redis_prefix: str,
 ) -> None:
     bodies = [user_payload(f"user{i}@example.com") for i in range(80)]
     bodies += [user_payload("Same@Example.com") for _ in range(20)]
@@ -82,8 +90,8 @@ async def test_concurrent_registrations_claim_each_email_once(
     assert by_email.pop("same@example.com") == Counter({201: 1, 409: 19})
     assert all(statuses == Counter({201: 1}) for statuses in by_email.values())
 
+    await outbox_emptied(redis_client, redis_prefix)
     await event_tap.collect(81)
-    await asyncio.sleep(0.5)
     events = event_tap.bodies()
     assert len(events) == 81
     emails = Counter(e["data"]["email"].lower() for e in events)
@@ -96,7 +104,10 @@ async def test_concurrent_registrations_claim_each_email_once(
 
 
 async def test_idempotency_key_replays_the_first_response(
-    client: httpx.AsyncClient, event_tap: EventTap
+    client: httpx.AsyncClient,
+    event_tap: EventTap,
+    redis_client: redis.asyncio.Redis,
+    redis_prefix: str,
 ) -> None:
     headers = {"Idempotency-Key": "signup-7f3a"}
     first = await client.post("/v1/users", json=user_payload(), headers=headers)
@@ -113,7 +124,7 @@ async def test_idempotency_key_replays_the_first_response(
     assert other.json()["title"] == "Idempotency-Key reused"
 
     await event_tap.collect(1)
-    await asyncio.sleep(0.3)
+    await outbox_emptied(redis_client, redis_prefix)
     assert len(await event_tap.collect(1)) == 1
 
 

@@ -8,7 +8,6 @@ The outbox relay publishes only what the replicas confirmed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,13 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import structlog
 
-from tests.support.helpers import EventTap, user_payload
-from tests.support.private_services import PrivateRedis
-from tests.support.sentinel import SERVICE, RedisSentinelGroup, redis_sentinel_group
+from courier_testing.events import EventTap
+from courier_testing.polling import eventually
+from courier_testing.private_services import PrivateRedis
+from courier_testing.sentinel import SERVICE, RedisSentinelGroup, redis_sentinel_group
+from tests.support.helpers import user_payload
 from user_service.config import Settings
 from user_service.models import email_key
 
@@ -60,13 +62,23 @@ async def test_without_the_replicas_every_write_is_a_503_in_doubt(
     )
     key = {"Idempotency-Key": "replicas-late-1"}
     async with make_client(lonely) as client:
-        assert_in_doubt(await client.post("/v1/users", json=user_payload(), headers=key))
-        # In doubt, not refused: the primary has the user and its outbox entry...
-        found = (await client.get("/v1/users", params={"email": "ada@example.com"})).json()
-        [user] = found["items"]
-        # ...but the relay publishes only what the replicas confirmed: a failover could still
-        # take this registration, and its welcome must not have gone out then.
-        await asyncio.sleep(1.5)  # several relay rounds (COURIER_OUTBOX_BLOCK_MS=100)
+        with structlog.testing.capture_logs() as logs:
+            assert_in_doubt(await client.post("/v1/users", json=user_payload(), headers=key))
+            # In doubt, not refused: the primary has the user and its outbox entry...
+            found = (await client.get("/v1/users", params={"email": "ada@example.com"})).json()
+            [user] = found["items"]
+
+            # ...but the relay publishes only what the replicas confirmed: a failover could
+            # still take this registration, and its welcome must not have gone out then.
+            def held_back() -> bool:  # the relay read the entry twice and would not publish it
+                refusals = [
+                    e
+                    for e in logs
+                    if e["event"] == "outbox_redis_error" and "NotReplicatedError" in e["error"]
+                ]
+                return len(refusals) >= 2
+
+            await eventually(held_back, what="two relay rounds holding the entry back")
         assert await event_tap.queue.get(no_ack=True, fail=False) is None
         primary = redis.Redis(port=lonely_redis.port, socket_timeout=5)
         assert primary.xlen(f"{lonely.redis_prefix}outbox") == 1, "kept, not published"

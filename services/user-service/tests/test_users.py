@@ -6,7 +6,8 @@ import uuid
 
 import httpx
 
-from tests.support.helpers import EventTap, user_payload
+from courier_testing.events import EventTap
+from tests.support.helpers import user_payload
 
 
 async def register(client: httpx.AsyncClient, **extra: object) -> dict[str, object]:

@@ -18,9 +18,9 @@ from prometheus_client import CollectorRegistry
 from courier_common.messaging import AmqpConnection, EventData
 from courier_common.outbox import Outbox, OutboxMetrics, OutboxRelay
 from courier_common.redis import Durability
-from tests.support.helpers import EventTap, eventually
-from tests.support.messaging import Pinged
-from tests.support.private_services import PrivateRedis
+from courier_testing.events import EventTap, Pinged
+from courier_testing.polling import eventually
+from courier_testing.private_services import PrivateRedis
 
 Emit = Callable[[EventData], Awaitable[Any]]
 StartRelay = Callable[..., Awaitable[OutboxRelay]]

@@ -21,9 +21,9 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from courier_common.messaging import AmqpConnection, EventData
 from courier_common.outbox import GROUP, OutboxRelay
-from tests.support.helpers import eventually
-from tests.support.messaging import Pinged
-from tests.support.private_services import PrivateRabbitMQ
+from courier_testing.events import Pinged
+from courier_testing.polling import eventually
+from courier_testing.private_services import PrivateRabbitMQ
 
 pytestmark = pytest.mark.fault
 

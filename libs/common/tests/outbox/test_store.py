@@ -11,7 +11,7 @@ import redis.asyncio
 from opentelemetry import trace
 
 from courier_common.outbox import EntryFields, Outbox, stream_key
-from tests.support.messaging import Pinged
+from courier_testing.events import Pinged
 
 #: A service's business logic: claim a name once, and queue the event only when it did.
 CLAIM = """

@@ -7,10 +7,10 @@ cookie. A restart keeps the ports and the data directory, so durable queues, per
 messages and an append-only Redis file survive a ``kill()``.
 
 Get the fixtures (``private_rabbitmq``, ``private_redis``) by loading this module as a plugin
-from the root conftest (``pytest_plugins = ["tests.support.private_services"]``) or by
+from a conftest (``pytest_plugins = ["courier_testing.private_services"]``) or by
 importing them into a conftest::
 
-    from tests.support.private_services import private_rabbitmq, private_redis  # noqa: F401
+    from courier_testing.private_services import private_rabbitmq, private_redis  # noqa: F401
 
 or use the classes directly (they are context managers: ``__enter__`` starts, ``__exit__``
 closes). When the server binaries are missing the fixtures FAIL, they never skip: a fault
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Final, Literal, Self, TypeVar
 import pytest
 
 if TYPE_CHECKING:
-    from tests.support.rabbitmq4 import RabbitMQ4Root
+    from courier_testing.rabbitmq4 import RabbitMQ4Root
 
 __all__ = [
     "PrivateEpmd",
@@ -605,7 +605,7 @@ class PrivateRabbitMQ(_PrivateServer):
         self.name: str = short
         self.nodename: str = f"{short}@localhost"
         self.management: bool = management
-        #: A chroot with another RabbitMQ (tests/support/rabbitmq4.py); None: the host's.
+        #: A chroot with another RabbitMQ (courier_testing.rabbitmq4); None: the host's.
         self.root: RabbitMQ4Root | None = root
         #: A private epmd (its own ERL_EPMD_PORT); None: the host's epmd on 4369.
         self.epmd: PrivateEpmd | None = epmd

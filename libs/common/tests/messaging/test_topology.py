@@ -11,8 +11,9 @@ import pytest
 from courier_common.messaging import TopologyMismatchError, WorkQueue, declare_topology
 from courier_common.messaging.connection import AmqpConnection
 from courier_common.messaging.topology import Topology, declare_queue
-from tests.support.fixtures import BrokerAdmin, BrokerVhost
-from tests.support.messaging import TOPOLOGY, WORK
+from courier_testing.backing import BrokerAdmin, BrokerVhost
+
+from .support import TOPOLOGY, WORK
 
 
 async def test_declares_every_name_of_the_contract(

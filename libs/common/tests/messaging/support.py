@@ -1,21 +1,15 @@
-"""A small topology and event type for tests of the messaging core (in-process or not)."""
+"""The messaging tests' own topology (in-process and in worker processes).
+
+A work queue of the tests' own, bound to the events exchange, with the production shape (retry
+tiers, a delivery limit) and short delays, so a retry test takes about a second. No service's
+names: these tests prove the library, not a deployment of it.
+"""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
-from courier_common.messaging import EventData, RetryPolicy, Topology, WorkQueue
-
-
-class Pinged(EventData):
-    """A test event type."""
-
-    event_type = "test.pinged"
-    event_version = 1
-
-    n: int
-    note: str = ""
-
+from courier_common.messaging import RetryPolicy, Topology, WorkQueue
 
 #: Short tiers so retry tests take about a second, the same shape as production.
 FAST_RETRY = RetryPolicy(

@@ -1,10 +1,16 @@
-"""The consumer runner on a real broker: ack, retry through the tiers, dead-letter."""
+"""The consumer runner on a real broker: ack, retry through the tiers, dead-letter; and in
+worker processes that die, or are told to stop, in the middle of handling a message."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -38,8 +44,11 @@ from courier_common.messaging import (
 from courier_common.messaging.connection import AmqpConnection
 from courier_common.messaging.topology import DeclaredTopology
 from courier_common.metrics import MessagingMetrics
-from tests.support.helpers import eventually, get_all, message_for, ready_count
-from tests.support.messaging import WORK, Pinged
+from courier_testing.backing import BrokerAdmin, BrokerVhost
+from courier_testing.events import Pinged, message_for
+from courier_testing.polling import eventually, get_all, ready_count
+
+from .support import WORK
 
 Handler = Callable[[Event[Pinged]], Awaitable[None]]
 
@@ -53,14 +62,9 @@ async def start_runner(
     async def start(handler: Handler, **kwargs: Any) -> ConsumerRunner:
         router = Router()
         router.add(Pinged, handler)
+        options: dict[str, Any] = {"consumer_name": "tests", "prefetch": 8, **kwargs}
         runner = ConsumerRunner(
-            connection=connection,
-            queue=WORK,
-            router=router,
-            metrics=metrics,
-            consumer_name="tests",
-            prefetch=kwargs.pop("prefetch", 8),
-            **kwargs,
+            connection=connection, queue=WORK, router=router, metrics=metrics, **options
         )
         await runner.start()
         runners.append(runner)
@@ -154,7 +158,7 @@ async def test_always_retryable_is_dead_lettered_after_the_budget(
         attempts.append(current_delivery().attempt)
         raise RetryableError("SMTP 451 try later")
 
-    await start_runner(handler)
+    runner = await start_runner(handler)
     event = new_event(Pinged(n=1), source="t")
     await publish(channel, event)
     [dead] = await get_all(channel, "courier.dead-letters", expect=1, timeout=20)
@@ -174,7 +178,8 @@ async def test_always_retryable_is_dead_lettered_after_the_budget(
     assert dead.message_id == str(event.id)
     assert dead.body == event.encode()
     assert count(metrics, "dead_lettered") == 1
-    await asyncio.sleep(1.0)  # nothing else arrives: no extra attempt after the budget
+    # Nothing left in the queue, its tiers or the runner: no attempt can follow the budget's.
+    await all_settled(channel, runner)
     assert attempts == [1, 2, 3]
 
 
@@ -448,3 +453,173 @@ async def test_a_queue_without_a_dead_letter_exchange_is_never_rejected(
     finally:
         assert await loop.stop(timeout=5)
     assert [s.outcome for s in recorder.settled_with] == ["requeued", "acked"]
+
+
+# --- worker processes -------------------------------------------------------------------------
+
+#: libs/common: where ``python -m tests.messaging.worker`` finds this package.
+LIBRARY = Path(__file__).resolve().parents[2]
+Spawn = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def spawn_worker(
+    amqp_url: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> Iterator[Spawn]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(**env: str) -> subprocess.Popen[bytes]:
+        log = (tmp_path / f"worker-{len(procs)}.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.messaging.worker"],
+            cwd=LIBRARY,
+            env={
+                **os.environ,
+                "COURIER_AMQP_URL": amqp_url,
+                "COURIER_REDIS_URL": redis_url,
+                "WORKER_KEYS": redis_prefix,
+                **env,
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        procs.append(proc)
+        return proc
+
+    yield spawn
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def worker_log(tmp_path: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted(tmp_path.glob("worker-*.log")))
+
+
+async def wait_ready(client: redis.asyncio.Redis, prefix: str, count: int) -> None:
+    async def ready() -> bool:
+        return int(await client.get(prefix + "ready") or 0) >= count
+
+    await eventually(ready, timeout=30, what=f"{count} worker(s) subscribed")
+
+
+async def list_of(client: redis.asyncio.Redis, key: str) -> list[str]:
+    values = await client.lrange(key, 0, -1)
+    return [v.decode() if isinstance(v, bytes) else v for v in values]
+
+
+async def settled(admin: BrokerAdmin, vhost: BrokerVhost) -> None:
+    def empty() -> bool:
+        return all(
+            (q.get("messages_ready", 0), q.get("messages_unacknowledged", 0)) == (0, 0)
+            for q in admin.queues(vhost.name)
+            if q["name"] != "courier.dead-letters"
+        )
+
+    await eventually(empty, timeout=30, interval=0.3, what="every work queue to be empty")
+
+
+async def test_worker_killed_mid_handler_redelivers_and_the_effect_happens_once(
+    declared: DeclaredTopology,
+    channel: AbstractRobustChannel,
+    spawn_worker: Spawn,
+    redis_client: redis.asyncio.Redis,
+    redis_prefix: str,
+    broker_admin: BrokerAdmin,
+    vhost: BrokerVhost,
+) -> None:
+    first = spawn_worker(WORKER_SLEEP="30", WORKER_IDEMPOTENT="1", WORKER_LEASE="1")
+    await wait_ready(redis_client, redis_prefix, 1)
+    event = new_event(Pinged(n=1), source="t")
+    await Publisher(channel).publish_event(event)
+
+    async def started() -> bool:
+        return bool(await list_of(redis_client, redis_prefix + "started"))
+
+    await eventually(started, what="the handler to start")
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(10) == -signal.SIGKILL
+
+    second = spawn_worker(WORKER_IDEMPOTENT="1", WORKER_LEASE="1")
+
+    async def affected() -> bool:
+        return bool(await list_of(redis_client, redis_prefix + "effects"))
+
+    await eventually(affected, timeout=30, what="the effect")
+    await settled(broker_admin, vhost)
+    # The last worker drains and exits: after that no delivery is in anyone's hands, so the
+    # effects and the queue are final (an unacked delivery would be back in the queue).
+    second.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(second.wait, 30) == 0
+    assert await ready_count(channel, WORK.name) == 0
+    assert await list_of(redis_client, redis_prefix + "effects") == [str(event.id)]
+    assert len(await list_of(redis_client, redis_prefix + "started")) >= 2
+    assert await ready_count(channel, "courier.dead-letters") == 0
+
+
+async def test_handler_that_kills_its_process_is_dead_lettered_by_the_delivery_limit(
+    declared: DeclaredTopology,
+    channel: AbstractRobustChannel,
+    spawn_worker: Spawn,
+    redis_client: redis.asyncio.Redis,
+    redis_prefix: str,
+    broker_admin: BrokerAdmin,
+    vhost: BrokerVhost,
+    tmp_path: Path,
+) -> None:
+    event = new_event(Pinged(n=66, note="poison"), source="t")
+    await Publisher(channel).publish_event(event)
+    deaths = 0
+    for _ in range(10):  # the limit is 3: a bounded number of crashes, never a loop
+        if await ready_count(channel, "courier.dead-letters"):
+            break
+        proc = spawn_worker(WORKER_BEHAVIOR="suicide")
+        try:
+            rc = await asyncio.to_thread(proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = await asyncio.to_thread(proc.wait, 10)
+            if await ready_count(channel, "courier-test.work") == 0:
+                break
+        assert rc == -signal.SIGKILL, worker_log(tmp_path)
+        deaths += 1
+        await asyncio.sleep(0.3)
+
+    [dead] = await get_all(channel, "courier.dead-letters", expect=1, timeout=20)
+    assert dead.message_id == str(event.id)
+    assert dead.headers["x-first-death-reason"] == "delivery_limit"
+    assert dead.headers["x-first-death-queue"] == "courier-test.work"
+    assert 3 <= deaths <= 5
+    assert len(await list_of(redis_client, redis_prefix + "started")) == deaths
+
+
+async def test_sigterm_lets_in_flight_messages_finish_and_exits_zero(
+    declared: DeclaredTopology,
+    channel: AbstractRobustChannel,
+    spawn_worker: Spawn,
+    redis_client: redis.asyncio.Redis,
+    redis_prefix: str,
+    broker_admin: BrokerAdmin,
+    vhost: BrokerVhost,
+    tmp_path: Path,
+) -> None:
+    worker = spawn_worker(WORKER_SLEEP="1.5", WORKER_PREFETCH="5")
+    await wait_ready(redis_client, redis_prefix, 1)
+    events = [new_event(Pinged(n=i), source="t") for i in range(5)]
+    publisher = Publisher(channel)
+    for event in events:
+        await publisher.publish_event(event)
+
+    async def all_started() -> bool:
+        return len(await list_of(redis_client, redis_prefix + "started")) == 5
+
+    await eventually(all_started, what="5 messages in flight")
+    worker.send_signal(signal.SIGTERM)
+    rc = await asyncio.to_thread(worker.wait, 30)
+    assert rc == 0, worker_log(tmp_path)
+    assert sorted(await list_of(redis_client, redis_prefix + "effects")) == sorted(
+        str(e.id) for e in events
+    )
+    await settled(broker_admin, vhost)
+    assert "consumer_draining" in worker_log(tmp_path)

@@ -22,9 +22,11 @@ from courier_common.messaging.connection import AmqpConnection
 from courier_common.messaging.publisher import PublishConnectionError
 from courier_common.messaging.topology import DeclaredTopology, Topology
 from courier_common.metrics import MessagingMetrics
-from tests.support.helpers import eventually, get_all, ready_count
-from tests.support.messaging import TOPOLOGY, Pinged
-from tests.support.tcp_proxy import TcpProxy
+from courier_testing.events import Pinged
+from courier_testing.polling import eventually, get_all, ready_count
+from courier_testing.tcp_proxy import TcpProxy
+
+from .support import TOPOLOGY
 
 
 async def test_confirmed_publish_lands_in_its_queue(

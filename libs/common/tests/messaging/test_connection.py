@@ -12,13 +12,14 @@ import pytest
 
 from courier_common.messaging.connection import (
     AmqpConnection,
+    NodeRotatingConnection,
     broker_refusal,
     redact_url,
     split_amqp_urls,
 )
-from tests.support.fixtures import BrokerAdmin, BrokerVhost
-from tests.support.helpers import eventually
-from tests.support.private_services import PrivateRabbitMQ
+from courier_testing.backing import BrokerAdmin, BrokerVhost
+from courier_testing.polling import eventually
+from courier_testing.private_services import PrivateRabbitMQ
 
 
 def events(out: str, name: str) -> list[dict[str, Any]]:
@@ -75,9 +76,19 @@ async def test_every_node_down_is_an_error_naming_them_without_passwords() -> No
 
 
 async def test_an_unknown_vhost_is_one_critical_line_then_retried_until_it_exists(
-    broker_admin: BrokerAdmin, capsys: pytest.CaptureFixture[str]
+    broker_admin: BrokerAdmin,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The broker's refusal is configuration: said once, loudly; the operator may fix it."""
+    attempts: list[str] = []
+    attempt = NodeRotatingConnection.connect
+
+    async def counted(self: NodeRotatingConnection, *args: Any, **kwargs: Any) -> None:
+        attempts.append(str(self.url))
+        await attempt(self, *args, **kwargs)
+
+    monkeypatch.setattr(NodeRotatingConnection, "connect", counted)
     name = f"courier-test-{id(capsys)}-late"
     url = broker_admin.vhost(name).amqp_url
     broker_admin.delete_vhost(name)
@@ -87,7 +98,7 @@ async def test_an_unknown_vhost_is_one_critical_line_then_retried_until_it_exist
         await eventually(lambda: connection.refused, timeout=10, what="the refusal")
         problem = connection.problem or ""
         assert f"vhost {name} not found" in problem or f"vhost '{name}' not found" in problem
-        await asyncio.sleep(2)  # several retries
+        await eventually(lambda: len(attempts) >= 4, what="three more attempts, all refused")
         assert not connecting.done()
         broker_admin.create_vhost(name)  # what the operator does
         await asyncio.wait_for(connecting, 30)

@@ -35,7 +35,7 @@ from typing import Any, Final
 import pytest
 from filelock import FileLock
 
-from tests.support.private_services import PrivateEpmd, PrivateRabbitMQ, PrivateServiceError
+from courier_testing.private_services import PrivateEpmd, PrivateRabbitMQ, PrivateServiceError
 
 __all__ = [
     "ROOT_ENV",
@@ -303,7 +303,7 @@ def ensure_root(path: Path | None = None) -> RabbitMQ4Root:
         return root
 
 
-if __name__ == "__main__":  # python -m tests.support.rabbitmq4: build (or find) the root
+if __name__ == "__main__":  # python -m courier_testing.rabbitmq4: build (or find) the root
     print(ensure_root().describe())
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 import pytest
 
 from courier_common.messaging.envelope import EnvelopeError, EventCatalog, event_model, new_event
-from tests.support.messaging import Pinged
+from courier_testing.events import Pinged
 
 
 class PingedV2(Pinged):

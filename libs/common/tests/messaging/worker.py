@@ -1,6 +1,6 @@
 """A consumer process for tests that kill, signal or restart workers.
 
-Run as ``python -m tests.support.worker`` with the environment:
+Run as ``python -m tests.messaging.worker`` from libs/common with the environment:
 
 * ``COURIER_AMQP_URL``, ``COURIER_REDIS_URL``: where to connect;
 * ``WORKER_KEYS``: Redis key prefix for the worker's records;
@@ -33,7 +33,9 @@ from courier_common.messaging import (
     declare_topology,
 )
 from courier_common.metrics import MessagingMetrics
-from tests.support.messaging import TOPOLOGY, WORK, Pinged
+from courier_testing.events import Pinged
+
+from .support import TOPOLOGY, WORK
 
 log = get_logger("test-worker")
 

@@ -9,12 +9,14 @@ import pytest
 from aio_pika.abc import AbstractRobustChannel
 
 from courier_common.messaging import Publisher, new_event
-from courier_common.messaging.backlog import BacklogMonitor, ManagementClient
+from courier_common.messaging.backlog import BacklogMonitor, ManagementClient, QueueDepth
 from courier_common.messaging.topology import DeclaredTopology
 from courier_common.metrics import MessagingMetrics
-from tests.support.fixtures import BrokerVhost
-from tests.support.helpers import eventually
-from tests.support.messaging import WORK, Pinged
+from courier_testing.backing import BrokerVhost
+from courier_testing.events import Pinged
+from courier_testing.polling import eventually
+
+from .support import WORK
 
 
 async def test_backlog_reports_ready_and_unacked(
@@ -60,15 +62,19 @@ async def test_backlog_reports_ready_and_unacked(
 async def test_an_unreachable_management_api_is_reported_not_raised(
     metrics: MessagingMetrics,
 ) -> None:
-    monitor = BacklogMonitor(
-        ManagementClient("http://guest:guest@127.0.0.1:9"),
-        vhost="/",
-        queues=[WORK.name],
-        metrics=metrics,
-        interval=0.05,
-    )
+    class CountingClient(ManagementClient):
+        """Nothing listens on port 9: every poll fails; this counts them."""
+
+        polls = 0
+
+        async def queue_depth(self, vhost: str, queue: str) -> QueueDepth:
+            self.polls += 1
+            return await super().queue_depth(vhost, queue)
+
+    client = CountingClient("http://guest:guest@127.0.0.1:9")
+    monitor = BacklogMonitor(client, vhost="/", queues=[WORK.name], metrics=metrics, interval=0.05)
     await monitor.start()
-    await asyncio.sleep(0.3)
+    await eventually(lambda: client.polls >= 3, what="three failed polls")  # it lived on
     assert monitor._task is not None
     assert not monitor._task.done()
     await monitor.stop()

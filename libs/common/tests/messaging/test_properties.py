@@ -27,7 +27,7 @@ from courier_common.messaging.envelope import (
     new_event,
 )
 from courier_common.messaging.retry import RetryPolicy, format_delay
-from tests.support.messaging import Pinged
+from courier_testing.events import Pinged
 
 #: The machine is shared with heavy tests: no per-example deadline.
 relaxed = settings(deadline=None)
