@@ -12,6 +12,7 @@ from courier_common.http import ProblemError, problem_responses
 from courier_common.logging import get_logger
 from courier_common.messaging import PublishError
 from dlq_archiver.api.deps import AdminDep, ArchiveDep, IsAdminDep, ReplayerDep, SettingsDep
+from dlq_archiver.records import mask
 from dlq_archiver.replay import BulkReplayRequest, ReplayRefused
 from dlq_archiver.store import Filter
 
@@ -135,8 +136,9 @@ async def list_dead_letters(
 async def groups(
     archive: ArchiveDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[Group]:
-    """Grouped by source queue + event type + exception + normalized reason."""
-    return [Group(**g) for g in await archive.groups(limit=limit)]
+    """Grouped by source queue + event type + exception + normalized reason; most recent
+    failure first. The sample reason is masked as a dead letter's is."""
+    return [Group(**mask(g)) for g in await archive.groups(limit=limit)]
 
 
 @router.post(
