@@ -1,4 +1,4 @@
-"""What the console tests do in a tab, and how they make a failing group."""
+"""What the console tests do in a tab, and how they make real dead letters."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
 import httpx
 from playwright.async_api import BrowserContext, Page
 
+from courier_common.messaging import AmqpConnection
 from courier_sinks.smtp import SmtpSink
 from tests.support.archiver import ADMIN_TOKEN, records
 from tests.support.helpers import eventually
@@ -66,3 +68,28 @@ async def failing_group(
 
     await eventually(archived, timeout=60, what=f"{len(emails)} dead letters")
     return str((await records(api))[0]["fingerprint"])
+
+
+async def foreign_dead_letter(amqp_url: str, *, queue: str, reason: str) -> None:
+    """A dead letter as another team's consumer sends it: its reason unmasked, as it wrote it."""
+    connection = await AmqpConnection(amqp_url, client_name="test").connect()
+    try:
+        channel = await connection.channel()
+        dlx = await channel.get_exchange("courier.dlx")
+        await dlx.publish(
+            aio_pika.Message(
+                b'{"invoice": 7}',
+                message_id=f"foreign-{queue}",
+                content_type="application/json",
+                headers={
+                    "x-courier-failure-reason": reason,
+                    "x-courier-failure-kind": "permanent",
+                    "x-courier-original-queue": queue,
+                    "x-courier-original-exchange": "billing",
+                    "x-courier-original-routing-key": "invoice.due",
+                },
+            ),
+            routing_key="invoice.due",
+        )
+    finally:
+        await connection.close()

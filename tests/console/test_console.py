@@ -14,18 +14,22 @@ from playwright.async_api import Dialog
 
 from courier_sinks.smtp import SmtpSink
 from notification_service.routes import USER_EVENTS_QUEUE
-from tests.console.browser import Console, failing_group
+from tests.console.browser import Console, failing_group, foreign_dead_letter
 from tests.support.archiver import ADMIN, records
 from tests.support.helpers import eventually
 from tests.support.stack import Stack
 
 
-async def test_the_groups_page_lists_a_failing_group_masked_and_refreshes_itself(
-    console: Console, stack: Stack, api: httpx.AsyncClient, smtp_sink: SmtpSink
+async def test_the_groups_page_lists_failing_groups_masked_latest_first_and_refreshes_itself(
+    console: Console, stack: Stack, api: httpx.AsyncClient, smtp_sink: SmtpSink, amqp_url: str
 ) -> None:
     emails = [f"grace{i}@example.com" for i in range(3)]
-    reason = (550, "5.1.1 <grace0@example.com>: mailbox unavailable")
-    fingerprint = await failing_group(stack, api, smtp_sink, emails, reason)
+    fingerprint = await failing_group(stack, api, smtp_sink, emails)
+    # Then another team's consumer fails, and its reason names a person.
+    await foreign_dead_letter(
+        amqp_url, queue="billing.invoices", reason="SMTP 550: <grace.hopper@example.com> unknown"
+    )
+    await eventually(lambda: _groups(api, 2), timeout=30, what="the second group")
 
     await console.open()
     row = console.page.locator(f'tr[data-fingerprint="{fingerprint}"]')
@@ -33,19 +37,28 @@ async def test_the_groups_page_lists_a_failing_group_masked_and_refreshes_itself
     cells = await row.locator("td").all_inner_texts()
     assert cells[0] == fingerprint
     assert cells[1:4] == [USER_EVENTS_QUEUE, "user.registered", "3"]
-    assert cells[4].endswith("UTC")
-    assert cells[5].endswith("UTC")
-    assert "mailbox unavailable" in cells[6]
-    assert "grace0@example.com" not in await console.text()  # the sample reason is masked
+    assert cells[4].endswith("UTC")  # first seen
+    assert cells[5].endswith("UTC")  # last seen
+    assert "relay denied" in cells[6]  # the sample reason
+    queues = await console.page.locator(
+        "tbody tr[data-fingerprint] td:nth-child(2)"
+    ).all_inner_texts()
+    assert queues == ["billing.invoices", USER_EVENTS_QUEUE]  # the latest failure first
+    text = await console.text()
+    assert "unknown" in text
+    assert "grace.hopper@example.com" not in text  # masked as the API masks dead letters
+    assert "@example.com" not in await console.page.content()
     await console.screenshot("groups")
 
-    # Two more fail while the page is open: it shows them without a reload.
-    await failing_group(stack, api, smtp_sink, ["late0@example.com", "late1@example.com"], reason)
-    await (
-        console.page.locator(f'tr[data-fingerprint="{fingerprint}"] td.num')
-        .filter(has_text="5")
-        .wait_for(timeout=15_000)
-    )
+    # Two more fail while the page is open: it shows them without a reload, on top.
+    await failing_group(stack, api, smtp_sink, ["late0@example.com", "late1@example.com"])
+    await row.locator("td.num").filter(has_text="5").wait_for(timeout=15_000)
+    first = console.page.locator("tbody tr[data-fingerprint]").first
+    assert await first.get_attribute("data-fingerprint") == fingerprint
+
+
+async def _groups(api: httpx.AsyncClient, count: int) -> bool:
+    return len((await api.get("/v1/dead-letters/groups")).json()) == count
 
 
 async def test_the_detail_shows_no_email_in_clear_until_revealed_with_confirmation(
@@ -93,6 +106,15 @@ async def test_the_detail_shows_no_email_in_clear_until_revealed_with_confirmati
     assert trail[0]["action"] == "reveal"
     assert record_id in trail[0]["what"]
 
+    # The provider works again: replay this one.
+    console.page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await console.page.click("#replay-one")
+    await console.page.locator("#message").filter(has_text="Replayed as single.").wait_for()
+    await console.page.locator(".badge.replayed").wait_for()
+    await eventually(lambda: len(smtp_sink.messages) == 1, what="the welcome")
+    assert smtp_sink.messages[0]["rcpt_tos"] == [email]
+    assert email not in await console.text()  # masked again after the replay
+
 
 async def batch_states(console: Console) -> list[str]:
     states: list[str] = await console.page.locator("#batches li").evaluate_all(
@@ -107,13 +129,27 @@ async def test_a_ramped_replay_of_40_shows_its_batches_and_sends_40_welcomes_onc
     emails = [f"ramp{i}@example.com" for i in range(40)]
     fingerprint = await failing_group(stack, api, smtp_sink, emails)  # the provider is fixed
 
-    await console.open()
+    # The group's dead letters, 15 a page.
+    await console.open(f"#/dead-letters?fingerprint={fingerprint}&limit=15")
+    pages: list[list[str]] = []
+    while True:
+        await console.page.wait_for_selector("tbody tr")
+        ids = await console.page.locator("tbody tr td:first-child").all_inner_texts()
+        if pages and ids == pages[-1]:
+            await asyncio.sleep(0.1)  # the next page is still coming
+            continue
+        pages.append(ids)
+        following = console.page.locator("text=Next page »")
+        if not await following.count():
+            break
+        await following.click()
+    assert [len(p) for p in pages] == [15, 15, 10]
+    assert len({i for p in pages for i in p}) == 40
+    assert "@example.com" not in await console.page.content()
+
+    await console.go("#/groups")
     await console.use_token()
-    await (
-        console.page.locator(f'tr[data-fingerprint="{fingerprint}"]')
-        .locator("text=Replay…")
-        .click()
-    )
+    await console.page.locator(f'tr[data-fingerprint="{fingerprint}"] >> text=Replay…').click()
     await console.page.fill("input[name=canary]", "0")
     await console.page.fill("input[name=ramp]", "1,2,5,20")
     await console.page.fill("input[name=canary_wait_seconds]", "1.5")
@@ -142,6 +178,12 @@ async def test_a_ramped_replay_of_40_shows_its_batches_and_sends_40_welcomes_onc
         assert watching in seen, seen
     assert screenshot_taken
     assert "40 of 40 replayed · 0 failed again" in await console.text()
+    await console.go(f"#/dead-letters?fingerprint={fingerprint}")
+    await console.page.select_option("select[name=status]", "replayed")
+    await console.page.click("text=Filter")
+    await console.page.wait_for_function(
+        "() => document.querySelectorAll('tbody .badge.replayed').length === 40"
+    )
 
     await eventually(lambda: len(smtp_sink.messages) == 40, timeout=30, what="40 welcomes")
     await asyncio.sleep(1)  # a duplicate would have arrived by now
@@ -239,6 +281,17 @@ async def test_without_the_token_every_action_is_refused_and_the_page_says_so(
     await other.goto(f"{console.url}/console#/audit")
     await other.wait_for_selector("text=No admin token")
     await other.close()
+
+    # With it, the purge still asks for the word before it deletes.
+    await console.go(f"#/purge?fingerprint={fingerprint}")
+    await console.page.fill("#purge-confirm", "purg")
+    assert await console.page.is_disabled("#purge")
+    await console.page.fill("#purge-confirm", "purge")
+    await console.page.click("#purge")
+    await console.page.wait_for_selector("text=1 dead letter deleted (audited).")
+    assert await records(api) == []
+    await console.go("#/audit")
+    await console.page.locator("td", has_text="purge").first.wait_for()
 
 
 async def test_new_dead_letters_joining_the_group_while_its_job_runs_show_a_warning(

@@ -152,12 +152,12 @@
         "tr",
         { "data-fingerprint": g.fingerprint },
         h("td", {}, link("#/dead-letters?" + query({ fingerprint: g.fingerprint }), g.fingerprint)),
-        h("td", { text: g.source_queue || "—" }),
-        h("td", { text: g.event_type || "—" }),
+        h("td", { class: "nowrap", text: g.source_queue || "—" }),
+        h("td", { class: "nowrap", text: g.event_type || "—" }),
         h("td", { class: "num", text: g.count }),
-        h("td", { text: when(g.first_seen) }),
-        h("td", { text: when(g.last_seen) }),
-        h("td", { class: "reason", text: (g.exception ? g.exception + ": " : "") + (g.reason || "") }),
+        h("td", { class: "nowrap", text: when(g.first_seen) }),
+        h("td", { class: "nowrap", text: when(g.last_seen) }),
+        h("td", { class: "reason", title: g.exception, text: (g.exception ? g.exception.split(".").pop() + ": " : "") + (g.reason || "") }),
         h("td", {}, link("#/replay?" + query({ fingerprint: g.fingerprint, count: g.count }), "Replay…")),
       ),
     );
@@ -216,7 +216,8 @@
     const filters = {};
     for (const [name] of FILTERS) filters[name] = params.get(name) || "";
     filters.status = params.get("status") || "";
-    const page = await api("GET", "/v1/dead-letters?" + query({ ...filters, cursor: params.get("cursor"), limit: 50 }));
+    const limit = params.get("limit") || "50";
+    const page = await api("GET", "/v1/dead-letters?" + query({ ...filters, cursor: params.get("cursor"), limit }));
     if (current !== route) return;
     const form = h(
       "form",
@@ -239,10 +240,10 @@
         "tr",
         {},
         h("td", {}, link("#/dead-letter/" + r.id, r.id)),
-        h("td", { text: when(r.archived_at) }),
+        h("td", { class: "nowrap", text: when(r.archived_at) }),
         h("td", {}, badge(r.status)),
-        h("td", { text: r.source_queue }),
-        h("td", { text: r.event_type || "—" }),
+        h("td", { class: "nowrap", text: r.source_queue }),
+        h("td", { class: "nowrap", text: r.event_type || "—" }),
         h("td", { class: "num", text: r.attempts }),
         h("td", { class: "reason", text: r.reason }),
       ),
@@ -254,8 +255,8 @@
       h(
         "p",
         { class: "actions" },
-        params.get("cursor") ? link("#/dead-letters?" + active, "« First page") : null,
-        page.next_cursor ? link("#/dead-letters?" + query({ ...filters, cursor: page.next_cursor }), "Next page »") : null,
+        params.get("cursor") ? link("#/dead-letters?" + query({ ...filters, limit: params.get("limit") }), "« First page") : null,
+        page.next_cursor ? link("#/dead-letters?" + query({ ...filters, cursor: page.next_cursor, limit: params.get("limit") }), "Next page »") : null,
         active ? link("#/replay?" + query({ ...filters, status: null }), "Replay these as a job…") : null,
         active ? link("#/purge?" + active, "Purge these…") : null,
       ),
@@ -444,7 +445,7 @@
           if (typed.value.trim() !== phrase) return;
           const result = await act(() => api("DELETE", "/v1/dead-letters?" + query(filters)));
           if (result) {
-            show(h("h1", { text: "Purged" }), h("p", { id: "purged", text: result.purged + " dead letters deleted (audited)." }), link("#/groups", "Back to the groups"));
+            show(h("h1", { text: "Purged" }), h("p", { id: "purged", text: result.purged + (result.purged === 1 ? " dead letter" : " dead letters") + " deleted (audited)." }), link("#/groups", "Back to the groups"));
           }
         },
       },
