@@ -231,7 +231,8 @@ async def test_a_cancelled_job_leaves_the_rest_untouched(
 async def test_without_the_token_every_action_is_refused_and_the_page_says_so(
     console: Console, stack: Stack, api: httpx.AsyncClient, smtp_sink: SmtpSink
 ) -> None:
-    fingerprint = await failing_group(stack, api, smtp_sink, ["nobody@example.com"])
+    emails = ["nobody@example.com", "noone@example.com"]
+    fingerprint = await failing_group(stack, api, smtp_sink, emails)
     record_id = (await records(api))[0]["id"]
     console.page.on("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
     await console.open(f"#/dead-letter/{record_id}")
@@ -251,13 +252,26 @@ async def test_without_the_token_every_action_is_refused_and_the_page_says_so(
     await refusal.filter(has_text="401 Authentication required").wait_for()
     await console.go("#/audit")
     await console.page.locator("#view-error").filter(has_text="401").wait_for()
-
-    # Nothing changed; the API refuses the same without the token.
     record = (await api.get(f"/v1/dead-letters/{record_id}")).json()
-    assert record["status"] == "dead"
+    assert record["status"] == "dead"  # nothing changed
     assert record["replays"] == []
     assert smtp_sink.messages == []
-    job_id = "0190a000-0000-7000-8000-000000000000"
+
+    # A job an operator with the token started (its canary, then a long watch): no cancel.
+    started = await api.post(
+        "/v1/dead-letters/replay",
+        json={"fingerprint": fingerprint, "canary": 1, "canary_wait_seconds": 60},
+        headers=ADMIN,
+    )
+    job_id = started.json()["id"]
+    await console.go(f"#/job/{job_id}")
+    await console.page.click("#cancel-job")
+    await refusal.filter(has_text="401 Authentication required").wait_for()
+    assert (await api.get(f"/v1/replays/{job_id}")).json()["status"] == "running"
+    cancelled = await api.post(f"/v1/replays/{job_id}/cancel", headers=ADMIN)
+    assert cancelled.status_code == 202
+
+    # The API refuses the same without the token.
     calls = [
         ("POST", f"/v1/dead-letters/{record_id}/replay"),
         ("GET", f"/v1/dead-letters/{record_id}?reveal=true"),
@@ -276,7 +290,7 @@ async def test_without_the_token_every_action_is_refused_and_the_page_says_so(
     # Entered once, the token serves the whole tab, and only that tab.
     await console.use_token()
     await console.go("#/audit")
-    await console.page.wait_for_selector("text=Nothing audited yet.")
+    await console.page.wait_for_selector("text=bulk_replay_cancel_requested")
     other = await console.context.new_page()
     await other.goto(f"{console.url}/console#/audit")
     await other.wait_for_selector("text=No admin token")
@@ -288,7 +302,7 @@ async def test_without_the_token_every_action_is_refused_and_the_page_says_so(
     assert await console.page.is_disabled("#purge")
     await console.page.fill("#purge-confirm", "purge")
     await console.page.click("#purge")
-    await console.page.wait_for_selector("text=1 dead letter deleted (audited).")
+    await console.page.wait_for_selector("text=2 dead letters deleted (audited).")
     assert await records(api) == []
     await console.go("#/audit")
     await console.page.locator("td", has_text="purge").first.wait_for()

@@ -515,10 +515,9 @@ class Archive:
         async for key in self.redis.scan_iter(match=f"{self.p}job:*", count=500):
             name = key.decode() if isinstance(key, bytes) else key
             if not name.endswith((":ids", ":failed")):  # the job hash, not its lists
-                job_id = name.rsplit("job:", 1)[1]
-                job = await self.get_job(job_id)
-                if job and job.get("status") == "running":
-                    out.append(job_id)
+                status = await self.redis.hget(name, "status")
+                if status is not None and json.loads(status) == "running":
+                    out.append(name.rsplit("job:", 1)[1])
         return out
 
 

@@ -332,7 +332,7 @@
     return value === "" ? null : Number(value);
   }
 
-  function replayView(current, params) {
+  function replayView(params) {
     const filters = {};
     for (const [name] of FILTERS) if (params.get(name)) filters[name] = params.get(name);
     const count = params.get("count");
@@ -352,7 +352,6 @@
       h("p", {}, "Dead letters with status dead matching ", h("code", { text: filterText(filters) }), count ? " (" + count + " in the group)" : "", ". Batches go one after another; after each but the last the job waits, and goes on only if the replays so far stayed clean."),
       form,
     );
-    if (current !== route) return;
   }
 
   async function startJob(filters, data) {
@@ -429,7 +428,7 @@
     show(h("h1", { text: "Replay jobs" }), jobsTable(jobs));
   }
 
-  function purgeView(current, params) {
+  function purgeView(params) {
     const filters = Object.fromEntries(params);
     delete filters.cursor;
     const phrase = "purge";
@@ -453,7 +452,6 @@
       button,
     );
     show(h("h1", { text: "Purge dead letters" }), h("p", {}, "Filter: ", h("code", { text: filterText(filters) || "none" }), ". This cannot be undone."), form);
-    if (current !== route) return;
   }
 
   async function auditView(current) {
@@ -483,10 +481,10 @@
       switch (parts[0]) {
         case "dead-letters": return await listView(current, params);
         case "dead-letter": return await detailView(current, parts[1]);
-        case "replay": return replayView(current, params);
+        case "replay": return replayView(params);
         case "job": return await jobView(current, parts[1]);
         case "jobs": return await jobsView(current);
-        case "purge": return purgeView(current, params);
+        case "purge": return purgeView(params);
         case "audit": return await auditView(current);
         default: return await groupsView(current);
       }
