@@ -188,7 +188,7 @@
           h("td", { class: "num", text: j.replayed + " / " + j.total }),
           h("td", { class: "num", text: j.failed_again }),
           h("td", { class: j.new_failures ? "num warn-text" : "num", text: j.new_failures }),
-          h("td", { text: when(j.created_at) }),
+          h("td", { class: "nowrap", text: when(j.created_at) }),
         ),
       ),
       "No replay jobs yet.",
@@ -461,7 +461,7 @@
       h("h1", { text: "Audit log" }),
       table(
         ["At", "Action", "What", "Count"],
-        entries.map((e) => h("tr", {}, h("td", { text: when(e.at) }), h("td", { text: e.action }), h("td", {}, h("code", { text: e.what })), h("td", { class: "num", text: e.count }))),
+        entries.map((e) => h("tr", {}, h("td", { class: "nowrap", text: when(e.at) }), h("td", { text: e.action }), h("td", {}, h("code", { text: e.what })), h("td", { class: "num", text: e.count }))),
         "Nothing audited yet.",
       ),
     );
