@@ -164,6 +164,7 @@ async def test_the_job_counts_new_dead_letters_joining_its_group_but_not_its_own
     )
     job_id = response.json()["id"]
     assert response.json()["new_failures"] == 0
+    assert response.json()["group_at_start"]["count"] == 10
     # Fresh traffic fails the same way while the job runs.
     await asyncio.gather(*(stack.register(f"new{i}@example.com") for i in range(3)))
 

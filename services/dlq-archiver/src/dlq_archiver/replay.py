@@ -207,6 +207,8 @@ class Replayer:
     async def start_job(self, request: BulkReplayRequest) -> str:
         ids = await self.archive.ids_matching(request.filter, max_count=request.limit)
         batches = request.batches(len(ids))
+        fingerprint = request.filter.fingerprint
+        group = await self.archive.group(fingerprint) if fingerprint else None
         job_id = await self.archive.create_job(
             {
                 "status": "running",
@@ -224,6 +226,10 @@ class Replayer:
                 "max_failure_rate": request.max_failure_rate,
                 "created_at": datetime.now(UTC).isoformat(),
                 "watermark": await self.archive.newest_id(request.filter),
+                # What the operator saw of the group when they started (new_failures: since).
+                "group_at_start": (
+                    {"count": group["count"], "last_seen": group["last_seen"]} if group else None
+                ),
                 "cancel_requested": False,
                 "reason": None,
             },

@@ -305,33 +305,30 @@ class Archive:
         return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
 
     async def groups(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """The failure groups, the latest failure first."""
         fingerprints = await self.redis.zrevrange(f"{self.p}groups", 0, limit - 1)
-        out = []
-        for fp in fingerprints:
-            fp_text = fp.decode() if isinstance(fp, bytes) else fp
-            raw = await self.redis.hgetall(f"{self.p}group:{fp_text}")
-            data = {
-                (k.decode() if isinstance(k, bytes) else k): (
-                    v.decode() if isinstance(v, bytes) else v
-                )
-                for k, v in raw.items()
-            }
-            if not data:
-                continue
-            out.append(
-                {
-                    "fingerprint": fp_text,
-                    "count": int(data.get("count", 0)),
-                    "first_seen": _ms_iso(data.get("first_seen")),
-                    "last_seen": _ms_iso(data.get("last_seen")),
-                    "source_queue": data.get("source_queue"),
-                    "event_type": data.get("event_type") or None,
-                    "exception": data.get("exception") or None,
-                    "reason": data.get("reason"),
-                    "sample_id": data.get("sample_id"),
-                }
-            )
-        return out
+        found = [
+            await self.group(fp.decode() if isinstance(fp, bytes) else str(fp))
+            for fp in fingerprints
+        ]
+        return [group for group in found if group is not None]
+
+    async def group(self, fingerprint: str) -> dict[str, Any] | None:
+        raw = await self.redis.hgetall(f"{self.p}group:{fingerprint}")
+        data = {_s(k): _s(v) for k, v in raw.items()}
+        if not data:
+            return None
+        return {
+            "fingerprint": fingerprint,
+            "count": int(data.get("count", 0)),
+            "first_seen": _ms_iso(data.get("first_seen")),
+            "last_seen": _ms_iso(data.get("last_seen")),
+            "source_queue": data.get("source_queue"),
+            "event_type": data.get("event_type") or None,
+            "exception": data.get("exception") or None,
+            "reason": data.get("reason"),
+            "sample_id": data.get("sample_id"),
+        }
 
     async def size(self) -> int:
         return int(await self.redis.zcard(f"{self.p}idx:time"))

@@ -405,7 +405,7 @@
           job.reason ? h("p", { class: "reason", text: job.reason }) : null,
           running ? h("button", { id: "cancel-job", class: "danger", onclick: () => cancelJob(job.id) }, "Cancel job") : null,
         ),
-        h("div", { class: "card" }, h("h2", { text: "Plan" }), h("dl", {}, field("Filter", filterText(job.filter)), field("Rate", job.rate_per_second + " / s"), field("Watch after each batch", (job.canary_wait_seconds ?? "—") + " s"), field("Halts past", Math.round(job.max_failure_rate * 100) + "% failed again"), field("Started", when(job.created_at)), field("Finished", when(job.finished_at)))),
+        h("div", { class: "card" }, h("h2", { text: "Plan" }), h("dl", {}, field("Filter", filterText(job.filter)), field("Rate", job.rate_per_second + " / s"), field("Watch after each batch", (job.canary_wait_seconds ?? "—") + " s"), field("Halts past", Math.round(job.max_failure_rate * 100) + "% failed again"), field("Started", when(job.created_at)), job.group_at_start ? field("Group at start", job.group_at_start.count + " dead letters, the last at " + when(job.group_at_start.last_seen)) : null, field("Finished", when(job.finished_at)))),
       ),
       h("h2", { text: "Batches" }),
       h("ol", { class: "batches", id: "batches" }, batches),
