@@ -226,7 +226,7 @@ class Replayer:
                 "max_failure_rate": request.max_failure_rate,
                 "created_at": datetime.now(UTC).isoformat(),
                 "watermark": await self.archive.newest_id(request.filter),
-                # What the operator saw of the group when they started (new_failures: since).
+                # The group as the operator saw it; new_failures counts from the watermark.
                 "group_at_start": (
                     {"count": group["count"], "last_seen": group["last_seen"]} if group else None
                 ),
