@@ -16,6 +16,8 @@
 #                  warning otherwise (Debian's own archive has no kubectl).
 #                  debootstrap (apt if missing): the fault harness builds a Debian 13 root with
 #                  RabbitMQ 4.0 from it once (courier_testing/rabbitmq4.py; cached outside the repo).
+#                  chromium (apt if missing): the console tests drive it with Playwright
+#                  (tests/console; never `playwright install`, which downloads a browser).
 #
 # Options:
 #   --no-sync        skip step 2
@@ -569,6 +571,17 @@ ensure_debootstrap() {
     say "debootstrap: not installed, installed $(pkg_version debootstrap) with apt (for the RabbitMQ 4 test root)"
 }
 
+# chromium: tests/console drives Debian's browser with Playwright's Python package.
+ensure_chromium() {
+    if have chromium || [[ -x /usr/bin/chromium ]]; then
+        info "chromium: present (for the console tests)"
+        return
+    fi
+    apt_install chromium "chromium" \
+        "install Chromium at /usr/bin/chromium (or point COURIER_TEST_CHROMIUM at one; the console tests drive it), then re-run"
+    say "chromium: not installed, installed $(pkg_version chromium) with apt (for the console tests)"
+}
+
 # The official AsyncAPI JSON Schemas (npm @asyncapi/specs, pinned in tests/contract/package-lock.json):
 # the tests validate docs/asyncapi.yaml and user-service's /asyncapi.json against them.
 ensure_asyncapi_specs() {
@@ -620,6 +633,7 @@ main() {
         ensure_prometheus
         ensure_kubectl
         ensure_debootstrap
+        ensure_chromium
         ensure_asyncapi_specs
     fi
     info "ready ($(elapsed "$t0"))"

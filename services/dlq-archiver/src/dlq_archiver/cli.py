@@ -4,7 +4,10 @@
     courier-dlq show ID [--reveal]
     courier-dlq groups
     courier-dlq replay ID
-    courier-dlq replay --queue Q | --fingerprint F [--canary N] [--rate R] [--wait]
+    courier-dlq replay --queue Q | --fingerprint F [--canary N] [--ramp 1,2,5,20] [--rate R]
+    courier-dlq jobs
+    courier-dlq job JOB_ID [--wait]
+    courier-dlq cancel JOB_ID
     courier-dlq purge ID | --queue Q | --fingerprint F | --all
 
 ``COURIER_DLQ_URL`` (default http://127.0.0.1:8002) and ``COURIER_ADMIN_TOKEN`` configure it.
@@ -113,14 +116,29 @@ def groups(api: Api) -> None:
         )
 
 
+def _ramp(_ctx: click.Context, _param: click.Parameter, value: str | None) -> list[int]:
+    try:
+        sizes = [int(part) for part in (value or "").split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter("batch sizes separated by commas, say 1,2,5,20") from None
+    if any(size < 1 for size in sizes):
+        raise click.BadParameter("every batch size is at least 1")
+    return sizes
+
+
 @main.command()
 @click.argument("record_id", required=False)
 @click.option("--queue")
 @click.option("--event-type")
 @click.option("--fingerprint")
 @click.option("--canary", default=10, show_default=True, help="Replays watched before the rest.")
+@click.option(
+    "--ramp",
+    callback=_ramp,
+    help="Batch sizes after the canary, each watched before the next (say 1,2,5,20).",
+)
 @click.option("--rate", type=float, help="Replays per second.")
-@click.option("--canary-wait", type=float, help="Seconds to watch the canary.")
+@click.option("--canary-wait", type=float, help="Seconds each batch is watched.")
 @click.option("--max-failure-rate", default=0.1, show_default=True)
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Follow the job.")
 @pass_api
@@ -131,12 +149,13 @@ def replay(
     event_type: str | None,
     fingerprint: str | None,
     canary: int,
+    ramp: list[int],
     rate: float | None,
     canary_wait: float | None,
     max_failure_rate: float,
     wait: bool,
 ) -> None:
-    """Replay one dead letter, or a filtered set as a paced job with a canary."""
+    """Replay one dead letter, or a filtered set as a paced job: canary, ramp, then the rest."""
     if record_id:
         result = api.call("POST", f"/v1/dead-letters/{record_id}/replay")
         click.echo(f"replayed {result['record_id']} as {result['replay_id']}")
@@ -144,28 +163,91 @@ def replay(
     body: dict[str, Any] = _filters(queue=queue, event_type=event_type, fingerprint=fingerprint)
     if not body:
         raise click.UsageError("give a RECORD_ID, or --queue/--event-type/--fingerprint")
-    body |= {"canary": canary, "max_failure_rate": max_failure_rate}
+    body |= {"canary": canary, "max_failure_rate": max_failure_rate, "ramp": ramp}
     if rate:
         body["rate_per_second"] = rate
     if canary_wait is not None:
         body["canary_wait_seconds"] = canary_wait
     job = api.call("POST", "/v1/dead-letters/replay", json=body)
-    click.echo(f"replay job {job['id']}: {job['total']} dead letters")
-    if not wait:
-        return
-    with click.progressbar(length=max(job["total"], 1), label="replaying") as bar:
-        done = 0
-        while job["status"] == "running":
-            time.sleep(0.5)
-            job = api.call("GET", f"/v1/replays/{job['id']}")
-            bar.update(max(0, job["replayed"] - done))
-            done = max(done, job["replayed"])
+    click.echo(
+        f"replay job {job['id']}: {job['total']} dead letters in batches "
+        + (" + ".join(str(size) for size in job["batches"]) or "none")
+    )
+    if wait:
+        _follow(api, job)
+
+
+def _follow(api: Api, job: dict[str, Any]) -> None:
+    """Print each step of a job until it ends, warning of new failures; exit 2 unless it
+    completed."""
+    step = None
+    warned = 0
+    while True:
+        if job["status"] == "running" and (job["batch"], job["phase"]) != step:
+            step = (job["batch"], job["phase"])
+            click.echo(
+                f"batch {job['batch']}/{len(job['batches'])} "
+                f"({job['batches'][job['batch'] - 1]}): {job['phase']}, "
+                f"{job['replayed']}/{job['total']} replayed"
+            )
+        if job["new_failures"] > warned:
+            warned = job["new_failures"]
+            click.echo(
+                f"warning: {warned} new dead letter(s) joined this filter since the job "
+                "started: the cause may not be fixed",
+                err=True,
+            )
+        if job["status"] != "running":
+            break
+        time.sleep(0.5)
+        job = api.call("GET", f"/v1/replays/{job['id']}")
     click.echo(
         f"{job['status']}: {job['replayed']} replayed, {job['failed_again']} failed again"
         + (f" — {job['reason']}" if job.get("reason") else "")
     )
     if job["status"] != "completed":
         sys.exit(2)
+
+
+@main.command()
+@pass_api
+def jobs(api: Api) -> None:
+    """The latest bulk replays, newest first."""
+    for job in api.call("GET", "/v1/replays"):
+        click.echo(
+            f"{job['id']}  {job['status']:<11} {job['replayed']:>6}/{job['total']:<6} "
+            f"failed again {job['failed_again']}, new failures {job['new_failures']}"
+        )
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--wait/--no-wait", default=False, show_default=True, help="Follow the job.")
+@pass_api
+def job(api: Api, job_id: str, wait: bool) -> None:
+    """One bulk replay's state (JSON), or follow it with --wait."""
+    state = api.call("GET", f"/v1/replays/{job_id}")
+    if wait:
+        _follow(api, state)
+    else:
+        click.echo(json.dumps(state, indent=2))
+
+
+@main.command()
+@click.argument("job_id")
+@pass_api
+def cancel(api: Api, job_id: str) -> None:
+    """Cancel a bulk replay: it stops between two replays; the rest stays untouched."""
+    api.call("POST", f"/v1/replays/{job_id}/cancel")
+    deadline = time.monotonic() + 10
+    state = api.call("GET", f"/v1/replays/{job_id}")
+    while state["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.2)
+        state = api.call("GET", f"/v1/replays/{job_id}")
+    click.echo(
+        f"{state['status']}: {state['replayed']} of {state['total']} replayed, "
+        f"{state['total'] - state['replayed'] - state['refused']} left untouched"
+    )
 
 
 @main.command()

@@ -32,6 +32,10 @@ class Settings(ConsumerSettings):
         description="Failure groups exported as metric series (bounded label cardinality).",
     )
     gauges_interval_seconds: float = Field(default=10.0, gt=0)
+    console_enabled: bool = Field(
+        default=True,
+        description="Serve the operator's web console at /console (its assets are packaged).",
+    )
 
     @field_validator("admin_token")
     @classmethod

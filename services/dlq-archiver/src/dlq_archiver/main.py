@@ -1,4 +1,4 @@
-"""dlq-archiver: the archiving consumer, the erasure worker, replays and the HTTP API.
+"""dlq-archiver: the archiving consumer, the erasure worker, replays, the HTTP API and console.
 
 Wiring only; the process's life (waiting for the broker, draining on SIGTERM, ending on a
 topology mismatch) is `courier_common.service`'s.
@@ -15,6 +15,7 @@ from courier_common.events import USER_EVENTS
 from courier_common.messaging import DeadLetterQueue, Topology
 from courier_common.metrics import MessagingMetrics, service_registry
 from courier_common.service import Parts, Resources, run_service, service_app
+from dlq_archiver import console
 from dlq_archiver.api import dead_letters
 from dlq_archiver.archiving import ArchiveConsumer, ArchiverMetrics
 from dlq_archiver.config import Settings
@@ -67,7 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="Every dead letter with its diagnosis: list, group, replay, purge.",
         registry=registry,
         build=build,
-        routers=[dead_letters.router],
+        routers=[dead_letters.router, *([console.router] if settings.console_enabled else [])],
     )
 
 

@@ -11,11 +11,15 @@ loses its diagnosis and attempt headers (a fresh retry budget), and carries
 linked to its record. The headers are courier_common's (``replay_headers``). A dead letter
 whose source queue is unknown cannot be replayed.
 
-A bulk job is paced (``rate_per_second``), starts with a canary (replay the first N, watch them
-for ``canary_wait_seconds``, go on only if they did not die again) and halts when the share
-of replays that died again passes ``max_failure_rate``. What a halted job did not replay stays
-in the archive, untouched. When the archiver shuts down, a job stops between two replays and
-is marked ``interrupted``.
+A bulk job is paced (``rate_per_second``) and goes in batches: the canary (the first N), then
+the ``ramp`` (say 1, 2, 5, 20), then the rest. After each batch but the last it watches for
+``canary_wait_seconds`` and goes on only if the replays so far did not die again past
+``max_failure_rate``; it also halts when that share is passed mid-batch. An operator can cancel
+it (a flag in Redis, so any replica may take the request): it stops between two replays. What
+a halted or cancelled job did not replay stays in the archive, untouched. When the archiver
+shuts down, a job stops between two replays and is marked ``interrupted``. The job keeps a
+watermark, the newest record of its filter when it started, so its view can say how many new
+dead letters joined the filter while it ran (``new_failures``): the cause may not be fixed.
 
 Tracing: a replay belongs to the operator's trace, not the dead letter's. Each one is a
 ``replay dead letter`` span — a child of the API request, or of the ``bulk replay`` span of its
@@ -78,6 +82,18 @@ class BulkReplayRequest:
     max_failure_rate: float
     min_sample: int = 10
     limit: int = 10_000
+    ramp: tuple[int, ...] = ()
+
+    def batches(self, total: int) -> list[int]:
+        """Batch sizes for ``total`` records: the canary, the ramp, then the rest."""
+        sizes: list[int] = []
+        left = total
+        for size in ([self.canary] if self.canary else []) + list(self.ramp):
+            if left == 0:
+                break
+            sizes.append(min(size, left))
+            left -= sizes[-1]
+        return [*sizes, left] if left else sizes
 
 
 class Replayer:
@@ -190,6 +206,9 @@ class Replayer:
 
     async def start_job(self, request: BulkReplayRequest) -> str:
         ids = await self.archive.ids_matching(request.filter, max_count=request.limit)
+        batches = request.batches(len(ids))
+        fingerprint = request.filter.fingerprint
+        group = await self.archive.group(fingerprint) if fingerprint else None
         job_id = await self.archive.create_job(
             {
                 "status": "running",
@@ -198,9 +217,20 @@ class Replayer:
                 "replayed": 0,
                 "refused": 0,
                 "canary": min(request.canary, len(ids)),
+                "ramp": list(request.ramp),
+                "batches": batches,
+                "batch": 1 if batches else 0,
+                "phase": "replaying",
                 "rate_per_second": request.rate_per_second,
+                "canary_wait_seconds": request.canary_wait_seconds,
                 "max_failure_rate": request.max_failure_rate,
                 "created_at": datetime.now(UTC).isoformat(),
+                "watermark": await self.archive.newest_id(request.filter),
+                # The group as the operator saw it; new_failures counts from the watermark.
+                "group_at_start": (
+                    {"count": group["count"], "last_seen": group["last_seen"]} if group else None
+                ),
+                "cancel_requested": False,
                 "reason": None,
             },
             ids,
@@ -210,115 +240,24 @@ class Replayer:
             what={"job_id": job_id, **request.filter.as_dict()},
             count=len(ids),
         )
-        log.info("bulk_replay_started", job_id=job_id, total=len(ids))
+        log.info("bulk_replay_started", job_id=job_id, total=len(ids), batches=batches)
         # The task copies the request's context: the job's span is a child of the request's.
-        task = asyncio.create_task(self._run_traced(job_id, ids, request), name=f"replay-{job_id}")
+        task = asyncio.create_task(
+            self._run_traced(job_id, ids, batches, request), name=f"replay-{job_id}"
+        )
         self._jobs[job_id] = task
         task.add_done_callback(lambda _: self._jobs.pop(job_id, None))
         return job_id
 
-    async def _run_traced(self, job_id: str, ids: list[str], request: BulkReplayRequest) -> None:
+    async def _run_traced(
+        self, job_id: str, ids: list[str], batches: list[int], request: BulkReplayRequest
+    ) -> None:
         with operation_span(
             self.tracer,
             "bulk replay",
             attributes={JOB_ID_ATTRIBUTE: job_id, JOB_TOTAL_ATTRIBUTE: len(ids)},
         ):
-            await self._run(job_id, ids, request)
-
-    async def _run(self, job_id: str, ids: list[str], request: BulkReplayRequest) -> None:
-        replayed = refused = 0
-        interval = 1.0 / request.rate_per_second
-        next_at = time.monotonic()
-        canary = min(request.canary, len(ids))
-
-        async def halt(reason: str) -> None:
-            await self.archive.update_job(
-                job_id,
-                status="halted",
-                reason=reason,
-                replayed=replayed,
-                refused=refused,
-                finished_at=datetime.now(UTC).isoformat(),
-            )
-            await self.archive.audit(
-                "bulk_replay_halted", what={"job_id": job_id, "reason": reason}, count=replayed
-            )
-            log.warning("bulk_replay_halted", job_id=job_id, reason=reason, replayed=replayed)
-
-        async def interrupted() -> None:
-            await self.archive.update_job(
-                job_id, status="interrupted", replayed=replayed, refused=refused
-            )
-            log.warning("bulk_replay_interrupted", job_id=job_id, replayed=replayed)
-
-        try:
-            for index, record_id in enumerate(ids):
-                if index == canary and canary:
-                    failed = await self._watch_canary(job_id, replayed, request)
-                    if self._stopping.is_set():  # the verdict may be unfinished: no halt
-                        await interrupted()
-                        return
-                    if failed > request.max_failure_rate * replayed:
-                        await halt(f"{failed} of {replayed} canary replays failed again")
-                        return
-                await pause(self._stopping, next_at - time.monotonic())
-                if self._stopping.is_set():  # the archiver is stopping: the rest stays untouched
-                    await interrupted()
-                    return
-                next_at = max(next_at + interval, time.monotonic())
-                record = await self.archive.get(record_id)
-                if record is None:  # purged meanwhile
-                    continue
-                try:
-                    await self.replay(record, job_id=job_id)
-                    replayed += 1
-                except ReplayRefused:
-                    refused += 1
-                if replayed % 20 == 0:
-                    await self.archive.update_job(job_id, replayed=replayed, refused=refused)
-                if index >= canary and replayed >= request.min_sample:
-                    failed = await self.archive.job_failed_again(job_id)
-                    if failed > request.max_failure_rate * replayed:
-                        await halt(f"{failed} of {replayed} replays failed again")
-                        return
-            await self.archive.update_job(
-                job_id,
-                status="completed",
-                replayed=replayed,
-                refused=refused,
-                finished_at=datetime.now(UTC).isoformat(),
-            )
-            await self.archive.audit(
-                "bulk_replay_completed", what={"job_id": job_id}, count=replayed
-            )
-            log.info("bulk_replay_completed", job_id=job_id, replayed=replayed, refused=refused)
-        except PublishError as exc:
-            await halt(f"publishing failed: {exc}")
-        except asyncio.CancelledError:
-            await interrupted()
-            raise
-
-    async def _watch_canary(self, job_id: str, replayed: int, request: BulkReplayRequest) -> int:
-        """Wait for the canary's verdict: how many of its ``replayed`` replays failed again.
-
-        Only failures can be observed (a replay that worked sends no word back), so the watch
-        ends either when ``canary_wait_seconds`` pass or as soon as the failures seen are past
-        ``max_failure_rate``: more failures could only confirm that verdict, never reverse it.
-        Canary replays still on their way to the dead-letter queue then are not lost: they are
-        linked to the job as they arrive, and its ``failed_again`` counts them.
-        """
-        await self.archive.update_job(job_id, replayed=replayed, phase="canary")
-        deadline = time.monotonic() + request.canary_wait_seconds
-        failed = await self.archive.job_failed_again(job_id)
-        while (
-            time.monotonic() < deadline
-            and failed <= request.max_failure_rate * replayed
-            and not self._stopping.is_set()
-        ):
-            await pause(self._stopping, 0.2)
-            failed = await self.archive.job_failed_again(job_id)
-        await self.archive.update_job(job_id, phase="bulk")
-        return failed
+            await _JobRun(self, self._stopping, job_id, batches, request).run(ids)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Stop every job between two replays (marked interrupted), within ``timeout``.
@@ -333,3 +272,149 @@ class Replayer:
         _, pending = await asyncio.wait(jobs, timeout=timeout)
         if pending:
             await cancel_and_wait(pending)
+
+
+class _Stop(Exception):
+    """The job ends here; ``outcome`` says how (halted, cancelled, interrupted)."""
+
+    def __init__(self, outcome: str, reason: str | None = None) -> None:
+        super().__init__(outcome)
+        self.outcome = outcome
+        self.reason = reason
+
+
+class _JobRun:
+    """One bulk job, batch after batch; every way it can end is a `_Stop`, written once."""
+
+    #: How often a wait (pacing, a batch's watch) looks for a cancel request, in seconds.
+    POLL: Final = 0.2
+
+    def __init__(
+        self,
+        replayer: Replayer,
+        stopping: asyncio.Event,
+        job_id: str,
+        batches: list[int],
+        request: BulkReplayRequest,
+    ) -> None:
+        self.replayer = replayer
+        self.archive = replayer.archive
+        self.stopping = stopping
+        self.job_id = job_id
+        self.batches = batches
+        self.request = request
+        self.replayed = 0
+        self.refused = 0
+
+    async def run(self, ids: list[str]) -> None:
+        # Mid-batch checks start after the first batch when it is a canary or a ramp step.
+        checked_from = self.batches[0] if self.request.canary or self.request.ramp else 0
+        try:
+            start = 0
+            for number, size in enumerate(self.batches, start=1):
+                await self.archive.update_job(self.job_id, batch=number, phase="replaying")
+                await self._replay_batch(ids[start : start + size], start, checked_from)
+                start += size
+                if number < len(self.batches):
+                    await self._watch(number)
+            await self._finish("completed", "bulk_replay_completed")
+            log.info(
+                "bulk_replay_completed",
+                job_id=self.job_id,
+                replayed=self.replayed,
+                refused=self.refused,
+            )
+        except _Stop as stop:
+            await self._stopped(stop)
+        except PublishError as exc:
+            await self._stopped(_Stop("halted", f"publishing failed: {exc}"))
+        except asyncio.CancelledError:
+            await self._stopped(_Stop("interrupted"))
+            raise
+
+    async def _replay_batch(self, ids: list[str], first_index: int, checked_from: int) -> None:
+        interval = 1.0 / self.request.rate_per_second
+        next_at = time.monotonic()
+        for index, record_id in enumerate(ids, start=first_index):
+            await self._wait(next_at - time.monotonic())
+            next_at = max(next_at + interval, time.monotonic())
+            record = await self.archive.get(record_id)
+            if record is None:  # purged meanwhile
+                continue
+            try:
+                await self.replayer.replay(record, job_id=self.job_id)
+                self.replayed += 1
+            except ReplayRefused:
+                self.refused += 1
+            await self._progress()  # live progress: one HSET beside the replay's writes
+            if index >= checked_from and self.replayed >= self.request.min_sample:
+                failed = await self.archive.job_failed_again(self.job_id)
+                if failed > self.request.max_failure_rate * self.replayed:
+                    raise _Stop("halted", f"{failed} of {self.replayed} replays failed again")
+
+    async def _watch(self, number: int) -> None:
+        """Wait for batch ``number``'s verdict: go on only if the replays so far stayed clean.
+
+        Only failures can be observed (a replay that worked sends no word back), so the watch
+        ends either when ``canary_wait_seconds`` pass or as soon as the failures seen are past
+        ``max_failure_rate``: more failures could only confirm that verdict, never reverse it.
+        Replays still on their way to the dead-letter queue then are not lost: they are linked
+        to the job as they arrive, and its ``failed_again`` counts them.
+        """
+        await self.archive.update_job(self.job_id, phase="watching")
+        deadline = time.monotonic() + self.request.canary_wait_seconds
+        limit = self.request.max_failure_rate * self.replayed
+        failed = await self.archive.job_failed_again(self.job_id)
+        while failed <= limit and time.monotonic() < deadline:
+            await self._wait(min(self.POLL, deadline - time.monotonic()))
+            failed = await self.archive.job_failed_again(self.job_id)
+        if failed > limit:
+            what = "canary replays" if number == 1 and self.request.canary else "replays"
+            raise _Stop(
+                "halted", f"{failed} of {self.replayed} {what} failed again (batch {number})"
+            )
+
+    async def _wait(self, seconds: float) -> None:
+        """Pause up to ``seconds``; a stop of the archiver or a cancel request ends the job."""
+        stopping = self.stopping
+        deadline = time.monotonic() + seconds
+        while True:
+            await pause(stopping, min(self.POLL, deadline - time.monotonic()))
+            if stopping.is_set():  # the archiver is stopping: the rest stays untouched
+                raise _Stop("interrupted")
+            if await self.archive.cancel_requested(self.job_id):
+                raise _Stop("cancelled", "cancelled by an operator")
+            if time.monotonic() >= deadline:
+                return
+
+    async def _progress(self) -> None:
+        await self.archive.update_job(self.job_id, replayed=self.replayed, refused=self.refused)
+
+    async def _finish(self, status: str, action: str, reason: str | None = None) -> None:
+        fields = {"reason": reason} if reason else {}
+        await self.archive.update_job(
+            self.job_id,
+            status=status,
+            replayed=self.replayed,
+            refused=self.refused,
+            finished_at=datetime.now(UTC).isoformat(),
+            **fields,
+        )
+        await self.archive.audit(
+            action, what={"job_id": self.job_id, **fields}, count=self.replayed
+        )
+
+    async def _stopped(self, stop: _Stop) -> None:
+        if stop.outcome == "interrupted":  # not audited: the operator did nothing
+            await self.archive.update_job(
+                self.job_id, status="interrupted", replayed=self.replayed, refused=self.refused
+            )
+            log.warning("bulk_replay_interrupted", job_id=self.job_id, replayed=self.replayed)
+            return
+        await self._finish(stop.outcome, f"bulk_replay_{stop.outcome}", stop.reason)
+        log.warning(
+            f"bulk_replay_{stop.outcome}",
+            job_id=self.job_id,
+            reason=stop.reason,
+            replayed=self.replayed,
+        )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -112,6 +112,12 @@ class Filter:
             and (self.fingerprint is None or record.fingerprint == self.fingerprint)
             and (self.status is None or record.status == self.status)
         )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Filter:
+        """The inverse of :meth:`as_dict` (a job keeps its filter as JSON)."""
+        times = {k: datetime.fromisoformat(data[k]) for k in ("since", "until") if data.get(k)}
+        return cls(**{**data, **times})
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -299,33 +305,30 @@ class Archive:
         return sorted(m.decode() if isinstance(m, bytes) else m for m in members)
 
     async def groups(self, *, limit: int = 100) -> list[dict[str, Any]]:
+        """The failure groups, the latest failure first."""
         fingerprints = await self.redis.zrevrange(f"{self.p}groups", 0, limit - 1)
-        out = []
-        for fp in fingerprints:
-            fp_text = fp.decode() if isinstance(fp, bytes) else fp
-            raw = await self.redis.hgetall(f"{self.p}group:{fp_text}")
-            data = {
-                (k.decode() if isinstance(k, bytes) else k): (
-                    v.decode() if isinstance(v, bytes) else v
-                )
-                for k, v in raw.items()
-            }
-            if not data:
-                continue
-            out.append(
-                {
-                    "fingerprint": fp_text,
-                    "count": int(data.get("count", 0)),
-                    "first_seen": _ms_iso(data.get("first_seen")),
-                    "last_seen": _ms_iso(data.get("last_seen")),
-                    "source_queue": data.get("source_queue"),
-                    "event_type": data.get("event_type") or None,
-                    "exception": data.get("exception") or None,
-                    "reason": data.get("reason"),
-                    "sample_id": data.get("sample_id"),
-                }
-            )
-        return out
+        found = [
+            await self.group(fp.decode() if isinstance(fp, bytes) else str(fp))
+            for fp in fingerprints
+        ]
+        return [group for group in found if group is not None]
+
+    async def group(self, fingerprint: str) -> dict[str, Any] | None:
+        raw = await self.redis.hgetall(f"{self.p}group:{fingerprint}")
+        data = {_s(k): _s(v) for k, v in raw.items()}
+        if not data:
+            return None
+        return {
+            "fingerprint": fingerprint,
+            "count": int(data.get("count", 0)),
+            "first_seen": _ms_iso(data.get("first_seen")),
+            "last_seen": _ms_iso(data.get("last_seen")),
+            "source_queue": data.get("source_queue"),
+            "event_type": data.get("event_type") or None,
+            "exception": data.get("exception") or None,
+            "reason": data.get("reason"),
+            "sample_id": data.get("sample_id"),
+        }
 
     async def size(self) -> int:
         return int(await self.redis.zcard(f"{self.p}idx:time"))
@@ -416,8 +419,15 @@ class Archive:
             pipe.hset(self._job(job_id), mapping={k: json.dumps(v) for k, v in fields.items()})
             if ids:
                 pipe.rpush(self._job(job_id) + ":ids", *ids)
+            pipe.zadd(f"{self.p}jobs", {job_id: 0})
             await pipe.execute()
         return job_id
+
+    async def recent_jobs(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The latest jobs, newest first (job ids are UUIDv7: their order is their age)."""
+        ids = await self.redis.zrevrangebylex(f"{self.p}jobs", "+", "-", start=0, num=limit)
+        jobs = [await self.get_job(_s(i)) for i in ids]
+        return [job for job in jobs if job is not None]
 
     async def job_ids(self, job_id: str) -> list[str]:
         values = await self.redis.lrange(self._job(job_id) + ":ids", 0, -1)
@@ -441,17 +451,70 @@ class Archive:
         job = {(k.decode() if isinstance(k, bytes) else k): json.loads(v) for k, v in raw.items()}
         job["id"] = job_id
         job["failed_again"] = await self.job_failed_again(job_id)
+        job["new_failures"] = await self._new_failures(job)
         return job
+
+    async def request_cancel(self, job_id: str) -> bool:
+        """Ask a running job to stop between two replays; False when it is not running.
+
+        The flag is in Redis, so the archiver replica running the job sees it whichever
+        replica took the request.
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(self._job(job_id))
+                    status = await pipe.hget(self._job(job_id), "status")
+                    if status is None or json.loads(status) != "running":
+                        return False
+                    pipe.multi()  # type: ignore[no-untyped-call]  # untyped in redis-py
+                    pipe.hset(self._job(job_id), "cancel_requested", "true")
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return await self.redis.hget(self._job(job_id), "cancel_requested") in (b"true", "true")
+
+    async def newest_id(self, flt: Filter) -> str | None:
+        """The newest record id in the index ``flt`` reads: a job's watermark for new failures."""
+        newest = await self.redis.zrevrangebylex(self._index_for(flt), "+", "-", start=0, num=1)
+        return _s(newest[0]) if newest else None
+
+    async def _new_failures(self, job: dict[str, Any], *, exact_up_to: int = 1000) -> int:
+        """Dead letters that joined a job's filter after it started (its watermark), its own
+        replays that died again aside: the provider is still failing for fresh traffic.
+
+        Exact for the first ``exact_up_to`` of them; past that, counted from the index.
+        """
+        if "watermark" not in job:  # a job from before new failures were tracked
+            return 0
+        flt = replace(Filter.from_dict(job.get("filter", {})), status=None)
+        if flt.until is not None and flt.until <= datetime.fromisoformat(job["created_at"]):
+            return 0
+        index = self._index_for(flt)
+        lower = f"({job['watermark']}" if job["watermark"] else "-"
+        total = int(await self.redis.zlexcount(index, lower, "+"))
+        if total == 0:
+            return 0
+        ids = [_s(i) for i in await self.redis.zrangebylex(index, lower, "+", 0, exact_up_to)]
+        own = f"{job['id']}."
+        fresh = sum(
+            1
+            for record in await self.get_many(ids)
+            if flt.matches(record) and not (record.replay_id or "").startswith(own)
+        )
+        return fresh + max(0, total - len(ids))
 
     async def running_jobs(self) -> list[str]:
         out = []
         async for key in self.redis.scan_iter(match=f"{self.p}job:*", count=500):
             name = key.decode() if isinstance(key, bytes) else key
             if not name.endswith((":ids", ":failed")):  # the job hash, not its lists
-                job_id = name.rsplit("job:", 1)[1]
-                job = await self.get_job(job_id)
-                if job and job.get("status") == "running":
-                    out.append(job_id)
+                status = await self.redis.hget(name, "status")
+                if status is not None and json.loads(status) == "running":
+                    out.append(name.rsplit("job:", 1)[1])
         return out
 
 

@@ -12,6 +12,7 @@ from courier_common.http import ProblemError, problem_responses
 from courier_common.logging import get_logger
 from courier_common.messaging import PublishError
 from dlq_archiver.api.deps import AdminDep, ArchiveDep, IsAdminDep, ReplayerDep, SettingsDep
+from dlq_archiver.records import mask
 from dlq_archiver.replay import BulkReplayRequest, ReplayRefused
 from dlq_archiver.store import Filter
 
@@ -64,16 +65,29 @@ class BulkReplayBody(BaseModel):
     canary_wait_seconds: float | None = Field(default=None, ge=0, le=3600)
     max_failure_rate: float = Field(default=0.1, ge=0, le=1)
     limit: int = Field(default=10_000, ge=1, le=100_000)
+    ramp: list[Annotated[int, Field(ge=1, le=100_000)]] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Batch sizes after the canary (say 1, 2, 5, 20), each watched for "
+        "canary_wait_seconds before the next; the rest goes after the last.",
+    )
 
 
 class Job(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     id: str
-    status: str
+    status: str = Field(description="running, completed, halted, cancelled or interrupted")
     total: int
     replayed: int
-    failed_again: int
+    failed_again: int = Field(description="Replays of this job that died again")
+    new_failures: int = Field(
+        default=0,
+        description="Dead letters that joined the job's filter after it started, its own "
+        "replays aside: the cause may not be fixed",
+    )
+    batches: list[int] = Field(default_factory=list, description="Planned batch sizes")
+    batch: int = Field(default=0, description="The batch being replayed or watched (1-based)")
 
 
 class Purged(BaseModel):
@@ -122,8 +136,9 @@ async def list_dead_letters(
 async def groups(
     archive: ArchiveDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[Group]:
-    """Grouped by source queue + event type + exception + normalized reason."""
-    return [Group(**g) for g in await archive.groups(limit=limit)]
+    """Grouped by source queue + event type + exception + normalized reason; most recent
+    failure first. The sample reason is masked as a dead letter's is."""
+    return [Group(**mask(g)) for g in await archive.groups(limit=limit)]
 
 
 @router.post(
@@ -159,8 +174,40 @@ async def bulk_replay(
             ),
             max_failure_rate=body.max_failure_rate,
             limit=body.limit,
+            ramp=tuple(body.ramp),
         )
     )
+    job = await archive.get_job(job_id)
+    assert job is not None
+    return Job(**job)
+
+
+@router.get("/v1/replays", response_model=list[Job], summary="The latest bulk replays")
+async def replay_jobs(
+    archive: ArchiveDep, limit: Annotated[int, Query(ge=1, le=100)] = 20
+) -> list[Job]:
+    return [Job(**job) for job in await archive.recent_jobs(limit)]
+
+
+@router.post(
+    "/v1/replays/{job_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=Job,
+    responses=problem_responses(401, 403, 404, 409, 422),
+    summary="Cancel a bulk replay: it stops between two replays",
+)
+async def cancel_replay_job(job_id: Id, _: AdminDep, archive: ArchiveDep) -> Job:
+    """What it replayed stays replayed; the rest stays in the archive, untouched. The job
+    reads ``cancelled`` once it has stopped (within a fraction of a second)."""
+    if not await archive.request_cancel(job_id):
+        job = await archive.get_job(job_id)
+        if job is None:
+            raise ProblemError(status.HTTP_404_NOT_FOUND, "Replay job not found")
+        raise ProblemError(
+            status.HTTP_409_CONFLICT, "Not running", f"The job is {job['status']} already."
+        )
+    await archive.audit("bulk_replay_cancel_requested", what={"job_id": job_id}, count=0)
+    log.info("bulk_replay_cancel_requested", job_id=job_id)
     job = await archive.get_job(job_id)
     assert job is not None
     return Job(**job)
