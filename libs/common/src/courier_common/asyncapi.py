@@ -17,6 +17,9 @@ something the code does not do:
 :func:`contract_document` builds it; user-service serves its own (the messages it publishes)
 at ``/asyncapi.json`` and ``make asyncapi`` writes the platform's, with every consumer's
 route, to ``docs/asyncapi.yaml``.
+
+One module of about 400 lines on purpose: the document is one tree whose parts refer to each
+other by ``$ref`` names, and reading it top to bottom is reading the contract.
 """
 
 from __future__ import annotations
