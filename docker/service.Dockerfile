@@ -44,6 +44,7 @@ WORKDIR /app
 # no source); the sync installs only what PACKAGE needs.
 COPY pyproject.toml uv.lock ./
 COPY libs/common/pyproject.toml libs/common/
+COPY libs/testing/pyproject.toml libs/testing/
 COPY services/user-service/pyproject.toml services/user-service/
 COPY services/notification-service/pyproject.toml services/notification-service/
 COPY services/dlq-archiver/pyproject.toml services/dlq-archiver/
