@@ -18,8 +18,8 @@ import pytest
 from playwright.async_api import Browser, ConsoleMessage, async_playwright
 
 from tests.console.browser import Console
-from tests.support.archiver import ADMIN_TOKEN
-from tests.support.processes import REPO, ServiceProcess, ServiceRunner
+from tests.support.archiver import StartArchiver
+from tests.support.processes import REPO, ServiceProcess
 
 CHROMIUM = os.environ.get("COURIER_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -35,21 +35,8 @@ SCREENSHOTS_ENV = "COURIER_CONSOLE_SCREENSHOTS"
 
 
 @pytest.fixture
-def console_archiver(
-    services: ServiceRunner, amqp_url: str, redis_url: str, redis_prefix: str
-) -> ServiceProcess:
-    return services.start(
-        "dlq-archiver",
-        {
-            "COURIER_AMQP_URL": amqp_url,
-            "COURIER_REDIS_URL": redis_url,
-            "COURIER_REDIS_PREFIX": redis_prefix,
-            "COURIER_ADMIN_TOKEN": ADMIN_TOKEN,
-            "COURIER_RETRY_DELAYS_SECONDS": "[0.3, 0.6, 1.2]",
-            "COURIER_RETRY_MAX_ATTEMPTS": "4",
-            "COURIER_REPLAY_CANARY_WAIT_SECONDS": "1",
-        },
-    )
+def console_archiver(start_archiver: StartArchiver) -> ServiceProcess:
+    return start_archiver(COURIER_REPLAY_CANARY_WAIT_SECONDS="1")
 
 
 @pytest.fixture

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 
 from courier_sinks.smtp import SmtpSink
 from courier_testing.polling import eventually
 from notification_service.routes import USER_EVENTS_QUEUE
-from tests.support.archiver import ADMIN, ADMIN_TOKEN, records, wait_records
-from tests.support.processes import ServiceRunner
+from tests.support.archiver import ADMIN, StartArchiver, courier_dlq, records, wait_records
 from tests.support.stack import Stack
 
 
@@ -66,60 +62,39 @@ async def test_bulk_replay_halts_after_a_failing_canary(
     assert [e["action"] for e in trail][:2] == ["bulk_replay_halted", "bulk_replay_started"]
 
 
-def cli(url: str, *args: str, token: str | None = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
-    script = Path(sys.executable).parent / "courier-dlq"
-    env = {"COURIER_DLQ_URL": url, "PATH": "/usr/bin:/bin"}
-    if token:
-        env["COURIER_ADMIN_TOKEN"] = token
-    return subprocess.run(
-        [str(script), *args], capture_output=True, text=True, env=env, timeout=60, check=False
-    )
-
-
 async def test_cli_lists_shows_and_replays(
     stack: Stack,
     smtp_sink: SmtpSink,
-    services: ServiceRunner,
-    amqp_url: str,
-    redis_url: str,
-    redis_prefix: str,
+    start_archiver: StartArchiver,
 ) -> None:
-    archiver = services.start(
-        "dlq-archiver",
-        {
-            "COURIER_AMQP_URL": amqp_url,
-            "COURIER_REDIS_URL": redis_url,
-            "COURIER_REDIS_PREFIX": redis_prefix,
-            "COURIER_ADMIN_TOKEN": ADMIN_TOKEN,
-            "COURIER_RETRY_DELAYS_SECONDS": "[0.3, 0.6, 1.2]",
-            "COURIER_RETRY_MAX_ATTEMPTS": "4",
-        },
-    )
+    archiver = start_archiver()
     smtp_sink.fail_next(1, 550, "5.1.1 <ada@example.com> unknown")
     await stack.register("ada@example.com")
 
     async def archived() -> bool:
-        listing = await asyncio.to_thread(cli, archiver.url, "list")
+        listing = await asyncio.to_thread(courier_dlq, archiver.url, "list")
         return USER_EVENTS_QUEUE in listing.stdout
 
     await eventually(archived, timeout=30, what="the CLI to list the dead letter")
-    listing = await asyncio.to_thread(cli, archiver.url, "list")
+    listing = await asyncio.to_thread(courier_dlq, archiver.url, "list")
     assert listing.returncode == 0, listing.stderr
     assert "ada@example.com" not in listing.stdout
     record_id = listing.stdout.split()[0]
 
-    shown = await asyncio.to_thread(cli, archiver.url, "show", record_id)
+    shown = await asyncio.to_thread(courier_dlq, archiver.url, "show", record_id)
     assert shown.returncode == 0
     assert '"reason_class": "permanent"' in shown.stdout
-    groups = await asyncio.to_thread(cli, archiver.url, "groups")
+    groups = await asyncio.to_thread(courier_dlq, archiver.url, "groups")
     assert "user.registered" in groups.stdout
 
-    refused = await asyncio.to_thread(cli, archiver.url, "replay", record_id, token="wrong-token")
+    refused = await asyncio.to_thread(
+        courier_dlq, archiver.url, "replay", record_id, token="wrong-token"
+    )
     assert refused.returncode == 1
     assert "403" in refused.stderr
-    replayed = await asyncio.to_thread(cli, archiver.url, "replay", record_id)
+    replayed = await asyncio.to_thread(courier_dlq, archiver.url, "replay", record_id)
     assert replayed.returncode == 0, replayed.stderr
     assert f"replayed {record_id}" in replayed.stdout
     await eventually(lambda: len(smtp_sink.messages) == 1, what="the replayed welcome")
-    purged = await asyncio.to_thread(cli, archiver.url, "purge", "--all", "--yes")
+    purged = await asyncio.to_thread(courier_dlq, archiver.url, "purge", "--all", "--yes")
     assert purged.stdout.strip() == "purged 1"

@@ -4,51 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import httpx
 
 from courier_sinks.smtp import SmtpSink
 from courier_testing.polling import eventually
-from tests.support.archiver import ADMIN_TOKEN, records
-from tests.support.processes import ServiceRunner
+from tests.support.archiver import StartArchiver, courier_dlq, records
 from tests.support.stack import Stack
 
 REFUSED = (550, "5.7.1 relay denied")
 
 
-def cli(url: str, *args: str, token: str | None = ADMIN_TOKEN) -> subprocess.CompletedProcess[str]:
-    """The venv's ``courier-dlq``, with nothing but the URL and the token from its environment."""
-    script = Path(sys.executable).parent / "courier-dlq"
-    env = {"COURIER_DLQ_URL": url, "PATH": "/usr/bin:/bin"}
-    if token:
-        env["COURIER_ADMIN_TOKEN"] = token
-    return subprocess.run(
-        [str(script), *args], capture_output=True, text=True, env=env, timeout=60, check=False
-    )
-
-
 async def test_cli_ramps_follows_warns_and_cancels(
     stack: Stack,
     smtp_sink: SmtpSink,
-    services: ServiceRunner,
-    amqp_url: str,
-    redis_url: str,
-    redis_prefix: str,
+    start_archiver: StartArchiver,
 ) -> None:
-    archiver = services.start(
-        "dlq-archiver",
-        {
-            "COURIER_AMQP_URL": amqp_url,
-            "COURIER_REDIS_URL": redis_url,
-            "COURIER_REDIS_PREFIX": redis_prefix,
-            "COURIER_ADMIN_TOKEN": ADMIN_TOKEN,
-            "COURIER_RETRY_DELAYS_SECONDS": "[0.3, 0.6, 1.2]",
-            "COURIER_RETRY_MAX_ATTEMPTS": "4",
-        },
-    )
+    archiver = start_archiver()
     api = httpx.AsyncClient(base_url=archiver.url)
     smtp_sink.fail_next(12, *REFUSED)
     await asyncio.gather(*(stack.register(f"cli{i}@example.com") for i in range(12)))
@@ -60,7 +32,7 @@ async def test_cli_ramps_follows_warns_and_cancels(
     fingerprint = (await records(api))[0]["fingerprint"]
 
     ramped = await asyncio.to_thread(
-        cli, archiver.url, "replay", "--fingerprint", fingerprint, "--canary", "0",
+        courier_dlq, archiver.url, "replay", "--fingerprint", fingerprint, "--canary", "0",
         "--ramp", "1,2", "--canary-wait", "0.5",
     )  # fmt: skip
     assert ramped.returncode == 0, ramped.stderr
@@ -75,7 +47,7 @@ async def test_cli_ramps_follows_warns_and_cancels(
     await asyncio.gather(*(stack.register(f"again{i}@example.com") for i in range(10)))
     await eventually(lambda: archived(10), timeout=60, what="10 new dead letters")
     started = await asyncio.to_thread(
-        cli, archiver.url, "replay", "--fingerprint", fingerprint, "--canary", "1",
+        courier_dlq, archiver.url, "replay", "--fingerprint", fingerprint, "--canary", "1",
         "--canary-wait", "60", "--no-wait",
     )  # fmt: skip
     assert started.returncode == 0, started.stderr
@@ -87,17 +59,17 @@ async def test_cli_ramps_follows_warns_and_cancels(
     await asyncio.gather(stack.register("late0@example.com"), stack.register("late1@example.com"))
 
     async def warned() -> bool:
-        listing = await asyncio.to_thread(cli, archiver.url, "jobs")
+        listing = await asyncio.to_thread(courier_dlq, archiver.url, "jobs")
         return f"{job_id}  running" in listing.stdout and "new failures 2" in listing.stdout
 
     await eventually(warned, timeout=30, what="`courier-dlq jobs` to show 2 new failures")
-    refused = await asyncio.to_thread(cli, archiver.url, "cancel", job_id, token=None)
+    refused = await asyncio.to_thread(courier_dlq, archiver.url, "cancel", job_id, token=None)
     assert refused.returncode == 1
     assert "401" in refused.stderr
-    cancelled = await asyncio.to_thread(cli, archiver.url, "cancel", job_id)
+    cancelled = await asyncio.to_thread(courier_dlq, archiver.url, "cancel", job_id)
     assert cancelled.returncode == 0, cancelled.stderr
     assert cancelled.stdout.strip() == "cancelled: 1 of 10 replayed, 9 left untouched"
-    followed = await asyncio.to_thread(cli, archiver.url, "job", job_id, "--wait")
+    followed = await asyncio.to_thread(courier_dlq, archiver.url, "job", job_id, "--wait")
     assert followed.returncode == 2
     assert "warning: 2 new dead letter(s) joined this filter" in followed.stderr
     assert followed.stdout.startswith("cancelled: 1 replayed")

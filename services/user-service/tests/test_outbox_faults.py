@@ -7,19 +7,14 @@ confirm) are tested with the relay, in libs/common/tests/outbox.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from collections.abc import AsyncIterator
-from typing import Any
 
-import aio_pika
-import aiormq
 import httpx
 import pytest
 import redis.asyncio
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from courier_common.messaging import AmqpConnection
+from courier_testing.events import DurableTap, durable_tap
 from courier_testing.polling import eventually
 from courier_testing.private_services import PrivateRabbitMQ
 from tests.support.processes import ServiceRunner
@@ -27,43 +22,10 @@ from tests.support.processes import ServiceRunner
 pytestmark = pytest.mark.fault
 
 
-class DurableTap:
-    """A durable quorum queue bound to ``courier.events``: it survives the broker's death."""
-
-    def __init__(self, queue: AbstractQueue) -> None:
-        self.queue = queue
-        self.messages: list[AbstractIncomingMessage] = []
-
-    async def collect(self, count: int, *, timeout: float = 60) -> list[dict[str, Any]]:
-        async def enough() -> bool:
-            try:
-                while (message := await self.queue.get(no_ack=True, fail=False)) is not None:
-                    self.messages.append(message)
-            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError):
-                # The tap's own channel is still closed or reconnecting after the restart
-                # (ChannelInvalidStateError is a RuntimeError, not an AMQPError).
-                return False
-            return len(self.messages) >= count
-
-        await eventually(enough, timeout=timeout, interval=0.2, what=f"{count} events")
-        return [json.loads(m.body) for m in self.messages]
-
-
 @pytest.fixture
 async def private_tap(private_rabbitmq: PrivateRabbitMQ) -> AsyncIterator[DurableTap]:
-    connection = await AmqpConnection(
-        private_rabbitmq.url, client_name="tap", reconnect_interval=0.5
-    ).connect()
-    channel = await connection.channel()
-    exchange = await channel.declare_exchange(
-        "courier.events", aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    queue = await channel.declare_queue(
-        "test.tap", durable=True, arguments={"x-queue-type": "quorum"}
-    )
-    await queue.bind(exchange, "user.*")
-    yield DurableTap(queue)
-    await connection.close()
+    async with durable_tap(private_rabbitmq.url, queue="test.tap", binding="user.*") as tap:
+        yield tap
 
 
 def service_env(amqp_url: str, redis_url: str, redis_prefix: str, **extra: str) -> dict[str, str]:

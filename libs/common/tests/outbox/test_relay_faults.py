@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -13,15 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aio_pika
-import aiormq
 import pytest
 import redis.asyncio
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from courier_common.messaging import AmqpConnection, EventData
+from courier_common.messaging import EventData
 from courier_common.outbox import GROUP, OutboxRelay
-from courier_testing.events import Pinged
+from courier_testing.events import DurableTap, Pinged, durable_tap
 from courier_testing.polling import eventually
 from courier_testing.private_services import PrivateRabbitMQ
 
@@ -34,43 +30,10 @@ REPO = Path(__file__).resolve().parents[4]
 RELAY_PROCESS = Path(__file__).with_name("relay_process.py")
 
 
-class DurableTap:
-    """A durable quorum queue bound to ``courier.events``: it survives the broker's death."""
-
-    def __init__(self, queue: AbstractQueue) -> None:
-        self.queue = queue
-        self.messages: list[AbstractIncomingMessage] = []
-
-    async def collect(self, count: int, *, timeout: float = 60) -> list[dict[str, Any]]:
-        async def enough() -> bool:
-            try:
-                while (message := await self.queue.get(no_ack=True, fail=False)) is not None:
-                    self.messages.append(message)
-            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError):
-                # The tap's own channel is still closed or reconnecting after the restart
-                # (ChannelInvalidStateError is a RuntimeError, not an AMQPError).
-                return False
-            return len(self.messages) >= count
-
-        await eventually(enough, timeout=timeout, interval=0.2, what=f"{count} events")
-        return [json.loads(m.body) for m in self.messages]
-
-
 @pytest.fixture
 async def private_tap(private_rabbitmq: PrivateRabbitMQ) -> AsyncIterator[DurableTap]:
-    connection = await AmqpConnection(
-        private_rabbitmq.url, client_name="tap", reconnect_interval=0.5
-    ).connect()
-    channel = await connection.channel()
-    exchange = await channel.declare_exchange(
-        "courier.events", aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    queue = await channel.declare_queue(
-        "outbox-test.tap", durable=True, arguments={"x-queue-type": "quorum"}
-    )
-    await queue.bind(exchange, "test.*")
-    yield DurableTap(queue)
-    await connection.close()
+    async with durable_tap(private_rabbitmq.url, queue="outbox-test.tap", binding="test.*") as tap:
+        yield tap
 
 
 @pytest.fixture
